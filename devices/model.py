@@ -1,0 +1,166 @@
+"""Thing models: the single declaration of a device type that validation, docs and simulators derive from."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Annotated, Any, Literal, Required, Union
+
+from typing_extensions import TypedDict
+
+from pydantic import ConfigDict, StringConstraints, TypeAdapter
+from pydantic import Field as PydField
+
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_PAYLOAD_BYTES = 16 * 1024
+
+FieldKind = type[float] | type[bool] | type[int] | type[str]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One measured quantity. Its name carries the unit suffix; its kind and unit never change."""
+
+    name: str
+    kind: FieldKind = float
+    unit: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    description: str = ""
+    choices: tuple[str, ...] = ()
+    max_length: int = 128
+    required: bool = False
+
+    def annotation(self) -> Any:
+        """The pydantic type of this field: strict, with the plausible range as a constraint."""
+        if self.kind is bool:
+            return bool
+        if self.kind is str:
+            if self.choices:
+                return Literal[self.choices]  # type: ignore[valid-type]
+            return Annotated[str, StringConstraints(min_length=1, max_length=self.max_length)]
+        if self.kind is int:
+            return Annotated[int, PydField(ge=self.minimum, le=self.maximum)]
+        return Annotated[float, PydField(ge=self.minimum, le=self.maximum, allow_inf_nan=False)]
+
+    @property
+    def range_text(self) -> str:
+        if self.choices:
+            return ", ".join(self.choices)
+        if self.minimum is None and self.maximum is None:
+            return ""
+        if self.maximum is None:
+            return f">= {_num(self.minimum)}"
+        if self.minimum is None:
+            return f"<= {_num(self.maximum)}"
+        return f"{_num(self.minimum)} – {_num(self.maximum)}"
+
+    @property
+    def type_name(self) -> str:
+        return {float: "float", bool: "bool", int: "integer", str: "string"}[self.kind]
+
+
+def _num(v: float | None) -> str:
+    assert v is not None
+    return str(int(v)) if float(v).is_integer() else str(v)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A discrete event a device reports on its `event` topic, with the extra fields it may carry."""
+
+    name: str
+    fields: tuple[Field, ...] = ()
+    description: str = ""
+
+
+# Common payload fields (device-protocol.md "Common payload fields").
+TS_ANNOTATION = Union[  # noqa: UP007 - pydantic needs a runtime union here
+    Annotated[int, PydField(ge=0, le=10**14)],
+    Annotated[str, StringConstraints(min_length=10, max_length=40)],
+]
+SEQ_ANNOTATION = Annotated[int, PydField(ge=0, le=2**63 - 1)]
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def _typed_dict(name: str, fields: dict[str, Any], required: set[str]) -> Any:
+    """Build a TypedDict (total=False) so that validation returns only the keys that were sent."""
+    from typing import NotRequired, Required
+
+    annotations = {
+        k: (Required[v] if k in required else NotRequired[v])  # type: ignore[valid-type]
+        for k, v in fields.items()
+    }
+    td = TypedDict(name, annotations)  # type: ignore[operator]
+    td.__pydantic_config__ = _STRICT  # type: ignore[attr-defined]
+    return td
+
+
+@dataclass(frozen=True)
+class ThingModel:
+    """A device type: telemetry fields with units and plausible ranges, events, report interval."""
+
+    type: str
+    name_zh: str
+    name_en: str
+    report_interval_s: int
+    telemetry: tuple[Field, ...]
+    events: tuple[Event, ...] = ()
+    description: str = ""
+    #: extra registry attributes a device of this type carries (documented, used by rules later)
+    attributes: tuple[Field, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.telemetry]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{self.type}: duplicate telemetry field")
+        if {"ts", "seq", "event"} & set(names):
+            raise ValueError(f"{self.type}: telemetry may not redefine ts/seq/event")
+
+    @cached_property
+    def fields_by_name(self) -> dict[str, Field]:
+        return {f.name: f for f in self.telemetry}
+
+    @cached_property
+    def events_by_name(self) -> dict[str, Event]:
+        return {e.name: e for e in self.events}
+
+    @cached_property
+    def telemetry_adapter(self) -> TypeAdapter[dict[str, Any]]:
+        fields: dict[str, Any] = {"ts": TS_ANNOTATION, "seq": SEQ_ANNOTATION}
+        fields.update({f.name: f.annotation() for f in self.telemetry})
+        return TypeAdapter(_typed_dict(f"{self.type}_telemetry", fields, set()))
+
+    @cached_property
+    def event_adapter(self) -> TypeAdapter[dict[str, Any]] | None:
+        if not self.events:
+            return None
+        variants = []
+        for ev in self.events:
+            fields: dict[str, Any] = {
+                "ts": TS_ANNOTATION,
+                "seq": SEQ_ANNOTATION,
+                "event": Literal[ev.name],  # type: ignore[valid-type]
+            }
+            fields.update({f.name: f.annotation() for f in ev.fields})
+            required = {"event"} | {f.name for f in ev.fields if f.required}
+            variants.append(_typed_dict(f"{self.type}_{ev.name}", fields, required))
+        if len(variants) == 1:
+            return TypeAdapter(variants[0])
+        union = Annotated[Union[tuple(variants)], PydField(discriminator="event")]  # noqa: UP007
+        return TypeAdapter(union)
+
+
+class StatusPayload(TypedDict, total=False):
+    """`status` topic payload: online state (the last will sends {"online": false}), firmware, time."""
+
+    __pydantic_config__ = _STRICT  # type: ignore[misc]
+    online: Required[bool]
+    fw: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    ts: TS_ANNOTATION  # type: ignore[valid-type]
+    seq: SEQ_ANNOTATION
+
+
+STATUS_ADAPTER: TypeAdapter[StatusPayload] = TypeAdapter(StatusPayload)
