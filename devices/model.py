@@ -12,7 +12,8 @@ from typing_extensions import TypedDict
 from pydantic import ConfigDict, StringConstraints, TypeAdapter
 from pydantic import Field as PydField
 
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# \Z, not $: $ also matches before a trailing newline, which would let "mh-1\n" through .match().
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 MAX_PAYLOAD_BYTES = 16 * 1024
 
 FieldKind = type[float] | type[bool] | type[int] | type[str]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,14 @@ from gateway.messages import DeviceLike, Duplicate, Outcome, RawMessage, Reading
 
 TOPIC_KINDS = ("telemetry", "event", "status")
 INACTIVE_LIFECYCLES = frozenset({"disabled", "retired"})
+# RFC 3339 date-time (section 5.6; "T"/"Z" may be lower case, a space may stand for "T"). The offset is
+# optional here only so that a missing one gets its own message. datetime.fromisoformat alone also takes
+# ISO 8601 forms that are not RFC 3339 (basic format, week dates), hence the gate.
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?P<offset>[Zz]|[+-]\d{2}:\d{2})?", re.ASCII
+)
+# Names pydantic gives the branches of the ts union (int | str) in an error's location.
+_UNION_BRANCHES = frozenset({"int", "str", "constrained-int", "constrained-str"})
 
 # pydantic error type -> our reason. The first error of a message decides its reason.
 _ERROR_REASONS: dict[str, Reason] = {
@@ -52,10 +61,14 @@ def _describe(exc: ValidationError) -> tuple[Reason, str]:
     reason = _ERROR_REASONS.get(etype, Reason.BAD_VALUE)
     if etype == "json_invalid" and "unicode" in str(first.get("ctx", {}).get("error", "")).lower():
         reason = Reason.NOT_UTF8
+    # Any problem with ts (wrong JSON type, text too short, negative) is a bad timestamp; an event's
+    # location starts with its tag, hence the first two elements.
+    if "ts" in first["loc"][:2]:
+        reason = Reason.BAD_TIMESTAMP
     # A union over ts (int | str) reports one error per branch; name the field once.
     parts: list[str] = []
     for e in errors[:4]:
-        loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) and p not in ("int", "str"))
+        loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) and p not in _UNION_BRANCHES)
         inp = e.get("input")
         got = f" (got {inp!r:.40})" if loc and not isinstance(inp, dict) else ""
         parts.append(f"{loc + ': ' if loc else ''}{e['msg']}{got}")
@@ -68,12 +81,15 @@ def parse_ts(value: int | str) -> int:
     """Device timestamp -> Unix epoch ms. Raises ValueError for text that is not RFC 3339 with an offset."""
     if isinstance(value, int):
         return value
-    try:
-        dt = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(f"ts {value!r} is not an RFC 3339 timestamp") from None
-    if dt.tzinfo is None:
+    m = _RFC3339.fullmatch(value)
+    if m is None:
+        raise ValueError(f"ts {value!r} is not an RFC 3339 timestamp")
+    if m["offset"] is None:
         raise ValueError(f"ts {value!r} has no UTC offset")
+    try:
+        dt = datetime.fromisoformat(value.upper())
+    except ValueError:  # shaped right but not a real date or time, e.g. month 13
+        raise ValueError(f"ts {value!r} is not an RFC 3339 timestamp") from None
     return int(dt.timestamp() * 1000)
 
 
@@ -126,6 +142,13 @@ class Decoder:
         if device.lifecycle in INACTIVE_LIFECYCLES:
             return Rejection(raw, Reason.DEVICE_DISABLED, f"device {device_id!r} is {device.lifecycle}",
                              device_id, dtype)
+        # Checked apart from JSON parsing: the parser reports bytes that are not UTF-8 outside a string
+        # (b"\\xff\\xfe{}") as a plain syntax error.
+        try:
+            raw.payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return Rejection(raw, Reason.NOT_UTF8, f"payload is not UTF-8: {exc.reason} at byte {exc.start}",
+                             device_id, dtype)
 
         try:
             if kind == "telemetry":
@@ -139,6 +162,9 @@ class Decoder:
         except ValidationError as exc:
             reason, detail = _describe(exc)
             return Rejection(raw, reason, detail, device_id, dtype)
+        # Before the seq window is touched: a rejected message must not make a later good one a duplicate.
+        if kind == "telemetry" and not values.keys() - {"ts", "seq"}:
+            return Rejection(raw, Reason.EMPTY, "telemetry carries no measured field", device_id, dtype)
 
         ts = values.pop("ts", None)
         seq = values.pop("seq", None)
@@ -164,8 +190,6 @@ class Decoder:
             cred = values.pop("credential", None)
             if cred is not None:
                 values["credential_hash"] = credential_hash(self._key, cred)
-        elif kind == "telemetry" and not values:
-            return Rejection(raw, Reason.EMPTY, "telemetry carries no measured field", device_id, dtype)
         return Reading(device, kind, ts_ms, values, seq, event, trusted, raw.received_ms)  # type: ignore[arg-type]
 
     def _is_duplicate(self, device_id: str, seq: int, ts_ms: int | None) -> bool:

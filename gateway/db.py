@@ -1,0 +1,315 @@
+"""SQL schema of the registry, device state and dead letters; engines and migrations."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    Connection,
+    Dialect,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.types import DateTime, TypeDecorator
+
+MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
+
+LIFECYCLES: Final = ("registered", "online", "in_service", "disabled", "retired")
+
+DEVICE_ID_LEN: Final = 64
+DEVICE_TYPE_LEN: Final = 32
+GRID_CODE_LEN: Final = 15
+COMPONENT_CODE_LEN: Final = 16
+TOPIC_LEN: Final = 512
+REASON_LEN: Final = 40
+# Dead letters keep whatever device id the topic carried, valid or not, so the column is wider
+# than a valid id: the reason for the dead letter may be that very id.
+DEAD_LETTER_DEVICE_ID_LEN: Final = 128
+
+DEFAULT_SQLITE_BUSY_TIMEOUT_MS: Final = 10_000
+
+# Execution option that makes the next transaction on a SQLite connection take the write lock at
+# BEGIN (BEGIN IMMEDIATE), so a read-then-write transaction cannot fail half-way on a lock upgrade.
+_SQLITE_BEGIN_OPTION: Final = "sc_sqlite_begin"
+
+# Key of pg_advisory_xact_lock taken while migrating, so two processes starting together do not
+# both try to create the schema. Any constant works; this one spells "scgw".
+_PG_MIGRATION_LOCK_KEY: Final = 0x73636777
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timestamp that is always timezone-aware UTC in Python, whatever the database stores.
+
+    SQLite has no timestamp type: values are stored as fixed-width UTC text, which keeps them
+    ordered and comparable in SQL (MAX, >, CASE). Naive datetimes are refused rather than guessed.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware datetime")
+        value = value.astimezone(dt.UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+# JSONB on PostgreSQL so attribute values compare and index by value, plain JSON text elsewhere.
+JSONDocument = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
+AutoIncrementId = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("device_id", String(DEVICE_ID_LEN), primary_key=True),
+    Column("device_type", String(DEVICE_TYPE_LEN), nullable=False),
+    Column("district", String(128)),
+    Column("street", String(128)),
+    Column("community", String(128)),
+    Column("grid_code", String(GRID_CODE_LEN)),
+    Column("building", String(128)),
+    Column("address", String(256)),
+    Column("lat", Float),
+    Column("lon", Float),
+    Column("responsible_unit", String(128)),
+    Column("component_code", String(COMPONENT_CODE_LEN)),
+    Column("attributes", JSONDocument, nullable=False, default=dict),
+    Column("lifecycle", String(16), nullable=False, default="registered", server_default="registered"),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    # The registry_version value of the transaction that last changed this row.
+    Column("version", BigInteger, nullable=False),
+    CheckConstraint("lifecycle IN ({})".format(", ".join(f"'{x}'" for x in LIFECYCLES)), name="lifecycle"),
+    Index(None, "device_type"),
+    Index(None, "community"),
+    Index(None, "grid_code"),
+    Index(None, "version"),
+)
+
+# One row, bumped in the same transaction as any change to `devices`: readers poll it to learn
+# cheaply whether anything changed, then fetch only rows with a larger `devices.version`.
+registry_version = Table(
+    "registry_version",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("version", BigInteger, nullable=False, server_default="0"),
+    CheckConstraint("id = 1", name="single_row"),
+)
+
+# No foreign key to devices on purpose: recording state must never fail because of a registry
+# change racing the gateway's batch.
+device_state = Table(
+    "device_state",
+    metadata,
+    Column("device_id", String(DEVICE_ID_LEN), primary_key=True),
+    Column("online", Boolean),
+    Column("last_seen", UTCDateTime),
+    Column("last_status_at", UTCDateTime),
+    Column("fw", String(64)),
+    Column("last_seq", BigInteger),
+)
+
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", AutoIncrementId, primary_key=True, autoincrement=True),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("topic", String(TOPIC_LEN), nullable=False),
+    Column("device_id", String(DEAD_LETTER_DEVICE_ID_LEN)),
+    Column("device_type", String(DEVICE_TYPE_LEN)),
+    Column("reason", String(REASON_LEN), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("payload_size", Integer, nullable=False),
+    Index(None, "received_at"),
+    Index(None, "device_id"),
+    Index(None, "reason"),
+)
+
+
+class SchemaNotCurrentError(RuntimeError):
+    """The database schema is not at the latest migration."""
+
+
+def make_engine(
+    url: str,
+    *,
+    echo: bool = False,
+    sqlite_busy_timeout_ms: int = DEFAULT_SQLITE_BUSY_TIMEOUT_MS,
+    pool_size: int = 5,
+    max_overflow: int = 10,
+) -> Engine:
+    """Create an engine configured for this project's access pattern.
+
+    SQLite: WAL (readers never block the writer), a busy timeout, foreign keys on, and
+    SQLAlchemy-controlled BEGIN so SELECTs are inside the transaction and DDL is transactional.
+    The parent directory of a SQLite file is created. `sqlite://` (memory) shares one connection
+    across threads so a worker thread sees the same database.
+
+    PostgreSQL: a bounded pool with pre-ping and recycling, so a restarted server costs one failed
+    checkout, not a stuck gateway.
+    """
+    sa_url = make_url(url)
+    if sa_url.get_backend_name() == "sqlite":
+        return _make_sqlite_engine(url, echo=echo, busy_timeout_ms=sqlite_busy_timeout_ms)
+    kwargs: dict[str, Any] = {}
+    if sa_url.get_backend_name() == "postgresql":
+        kwargs = {
+            "pool_size": pool_size,
+            "max_overflow": max_overflow,
+            "pool_pre_ping": True,
+            "pool_recycle": 1800,
+            "pool_timeout": 30,
+        }
+        if sa_url.get_driver_name() in ("psycopg", "psycopg2") and "application_name" not in sa_url.query:
+            kwargs["connect_args"] = {"application_name": "sc-gateway"}
+    return create_engine(url, echo=echo, **kwargs)
+
+
+def _make_sqlite_engine(url: str, *, echo: bool, busy_timeout_ms: int) -> Engine:
+    sa_url = make_url(url)
+    database = sa_url.database or ""
+    in_memory = database in ("", ":memory:") or sa_url.query.get("mode") == "memory"
+    kwargs: dict[str, Any] = {}
+    if in_memory:
+        kwargs = {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
+    elif not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, echo=echo, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take BEGIN away from the sqlite3 module (see _on_begin).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            if not in_memory:
+                cursor.execute("PRAGMA journal_mode = WAL")
+                # In WAL mode NORMAL is still corruption-safe; a power cut may lose the last commits.
+                cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get(_SQLITE_BEGIN_OPTION, "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that intends to write, committed on success and rolled back on error.
+
+    On SQLite it begins with BEGIN IMMEDIATE so it holds the write lock from its first statement
+    (waiting up to busy_timeout for it); on other databases it is an ordinary transaction.
+    """
+    with engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.execution_options(**{_SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+        with conn.begin():
+            yield conn
+
+
+def migrate(url: str, *, revision: str = "head") -> None:
+    """Upgrade the database at `url` to `revision` (default: the latest). Running it again is a no-op.
+
+    The whole upgrade is one transaction on both SQLite and PostgreSQL, and concurrent callers are
+    serialised (BEGIN IMMEDIATE / an advisory lock).
+    """
+    engine = make_engine(url)
+    try:
+        migrate_engine(engine, revision=revision)
+    finally:
+        engine.dispose()
+
+
+def migrate_engine(engine: Engine, *, revision: str = "head") -> None:
+    """`migrate` with an existing engine (needed for `sqlite://` in-memory databases)."""
+    cfg = _alembic_config()
+    with write_transaction(engine) as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY})
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at, or None if it was never migrated."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str | None:
+    """The latest revision shipped with this package."""
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def require_current_schema(engine: Engine) -> None:
+    """Raise SchemaNotCurrentError unless the database is at the latest migration (a start-up check)."""
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        where = engine.url.render_as_string(hide_password=True)
+        state = "has never been migrated" if current is None else f"is at revision {current}"
+        raise SchemaNotCurrentError(
+            f"database {where} {state}, this version needs {head}: run `sc-gateway db migrate`"
+        )
+
+
+def _alembic_config() -> Config:
+    # No alembic.ini: the script location is this package's folder, so it works installed and
+    # from any working directory.
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg

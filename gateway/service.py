@@ -1,0 +1,161 @@
+"""One gateway process, wired from settings; and a supervisor that runs several sharing the subscription."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from prometheus_client import start_http_server
+
+from gateway import logs, metrics
+from gateway.db import make_engine, migrate
+from gateway.deadletter import DeadLetter, DeadLetterStore, DeviceStateStore, StatusUpdate
+from gateway.influx import V1Writer, V2Writer, Writer
+from gateway.messages import Rejection
+from gateway.pipeline import Pipeline, SeenUpdate, Sinks, db_rejections
+from gateway.registry import RegistryCache
+from gateway.settings import Settings
+from gateway.store import Rejected, Spool, Store
+
+log = logging.getLogger("gateway.service")
+
+
+def _dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+class SqlSinks(Sinks):
+    """Dead letters, liveness and registry refresh through the SQL registry."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.engine = make_engine(settings.database_url)
+        self.cache = RegistryCache(self.engine)
+        self.deadletters = DeadLetterStore(self.engine, max_payload_bytes=settings.deadletter_payload_bytes)
+        self.states = DeviceStateStore(self.engine)
+
+    def dead_letters(self, rejections: Sequence[Rejection]) -> None:
+        self.deadletters.add_many([
+            DeadLetter(
+                received_at=_dt(r.raw.received_ms), topic=r.raw.topic, device_id=r.device_id,
+                device_type=r.device_type, reason=r.reason.value, detail=r.detail, payload=r.raw.payload,
+            )
+            for r in rejections
+        ])
+
+    def seen(self, updates: Sequence[SeenUpdate], first_seen: Sequence[str]) -> None:
+        self.states.record_many([
+            StatusUpdate(
+                device_id=u.device_id, online=u.online, seen_at=_dt(u.seen_ms),
+                fw=u.fw, is_status_message=u.status_ms is not None,
+            )
+            for u in updates
+        ])
+        if first_seen:
+            self.states.mark_online(list(first_seen))
+
+    def refresh_registry(self) -> None:
+        self.cache.refresh()
+        metrics.REGISTRY_DEVICES.set(len(self.cache))
+
+
+def make_writer(s: Settings) -> Writer:
+    if s.influx_mode == "v2":
+        assert s.influx_org and s.influx_bucket and s.influx_token
+        return V2Writer(s.influx_url, s.influx_org, s.influx_bucket, s.influx_token.get_secret_value(),
+                        timeout_s=s.influx_timeout_s)
+    return V1Writer(
+        s.influx_url, s.influx_db, rp=s.influx_rp, username=s.influx_username,
+        password=s.influx_password.get_secret_value() if s.influx_password else None,
+        timeout_s=s.influx_timeout_s, create_db=s.influx_create_db,
+    )
+
+
+async def run_worker(s: Settings, index: int = 0) -> None:
+    """Run one gateway process until SIGTERM/SIGINT, then stop taking messages and finish what it holds."""
+    migrate(s.database_url)
+    sinks = SqlSinks(s)
+    sinks.refresh_registry()
+    writer = make_writer(s)
+    await writer.ensure_ready()
+
+    async def on_rejected(rejected: Rejected) -> None:
+        await asyncio.to_thread(sinks.dead_letters, db_rejections(rejected, time.time_ns() // 1_000_000))
+
+    spool = Spool(s.spool_dir / f"worker-{index}", s.spool_max_bytes)
+    if len(spool):
+        log.warning("spool_found_at_start", extra={"segments": len(spool), "bytes": spool.bytes})
+    store = Store(writer, spool, on_rejected, retry_max_s=s.retry_max_s)
+    client_id = f"sc-gateway-{s.instance}-{index}"
+    pipe = Pipeline(s, lookup=sinks.cache.get, store=store, sinks=sinks, client_id=client_id)
+    if s.metrics_port:
+        start_http_server(s.metrics_port + index, addr="127.0.0.1", registry=metrics.REGISTRY)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("gateway_started", extra={"worker": index, "client_id": client_id, "devices": len(sinks.cache),
+                                        "influx": s.influx_url, "mode": s.influx_mode})
+    tasks = [asyncio.create_task(c) for c in (
+        pipe.run_intake(), pipe.run_ticker(), pipe.run_writer(), store.drain_forever(),
+        pipe.run_state_flusher(), pipe.run_registry_refresh(),
+    )]
+    await stop.wait()
+    log.info("gateway_stopping", extra={"worker": index})
+    await pipe.drain_for_shutdown(timeout_s=10)
+    await pipe.flush_state()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await writer.aclose()
+    sinks.engine.dispose()
+    log.info("gateway_stopped", extra={"worker": index, **pipe.stats})
+
+
+def _worker_main(index: int) -> None:
+    s = Settings()
+    logs.setup(s.log_level, s.log_json)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_worker(s, index))
+
+
+def run(s: Settings) -> int:
+    """Run `s.workers` processes; restart one that dies; stop all on SIGTERM/SIGINT."""
+    logs.setup(s.log_level, s.log_json)
+    if s.workers == 1:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_worker(s, 0))
+        return 0
+    ctx = mp.get_context("spawn")
+    procs: dict[int, mp.process.BaseProcess] = {}
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    for i in range(s.workers):
+        procs[i] = ctx.Process(target=_worker_main, args=(i,), name=f"sc-gateway-{i}")
+        procs[i].start()
+    while not stopping:
+        time.sleep(0.5)
+        for i, p in list(procs.items()):
+            if not p.is_alive() and not stopping:
+                log.error("worker_died_restarting", extra={"worker": i, "exitcode": p.exitcode})
+                procs[i] = ctx.Process(target=_worker_main, args=(i,), name=f"sc-gateway-{i}")
+                procs[i].start()
+    for p in procs.values():
+        if p.pid and p.is_alive():
+            os.kill(p.pid, signal.SIGTERM)
+    for p in procs.values():
+        p.join(timeout=20)
+    return 0
