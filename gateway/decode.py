@@ -143,7 +143,7 @@ class Decoder:
             return Rejection(raw, Reason.DEVICE_DISABLED, f"device {device_id!r} is {device.lifecycle}",
                              device_id, dtype)
         # Checked apart from JSON parsing: the parser reports bytes that are not UTF-8 outside a string
-        # (b"\\xff\\xfe{}") as a plain syntax error.
+        # (b"\xff\xfe{}") as a plain syntax error.
         try:
             raw.payload.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -36,11 +36,13 @@ from types import MappingProxyType
 from typing import IO, Any, Final, Literal, TypeAlias, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sqlalchemy import Connection, Engine, Row, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, RowMapping, bindparam, func, insert, select, update
 
 from gateway.db import LIFECYCLES, devices, registry_version, write_transaction
 
-DeviceType: TypeAlias = Literal["manhole_cover", "streetlight", "access_control", "parking_sensor", "smoke_detector"]
+DeviceType: TypeAlias = Literal[
+    "manhole_cover", "streetlight", "access_control", "parking_sensor", "smoke_detector"
+]
 Lifecycle: TypeAlias = Literal["registered", "online", "in_service", "disabled", "retired"]
 Outcome: TypeAlias = Literal["created", "updated", "unchanged", "error"]
 AttributeValue: TypeAlias = str | int | float | bool | None
@@ -409,8 +411,7 @@ _FULL_COLUMNS: Final = tuple(devices.c[name] for name in RegisteredDevice.__slot
 _UPDATE_DEVICE: Final = update(devices).where(devices.c.device_id == bindparam("match_device_id"))
 
 
-def _info_from_row(row: Row[Any]) -> DeviceInfo:
-    m = row._mapping
+def _info_from_row(m: RowMapping) -> DeviceInfo:
     return DeviceInfo(
         device_id=m["device_id"],
         device_type=m["device_type"],
@@ -426,8 +427,8 @@ def _info_from_row(row: Row[Any]) -> DeviceInfo:
     )
 
 
-def _device_from_row(row: Row[Any]) -> RegisteredDevice:
-    m = dict(row._mapping)
+def _device_from_row(row: RowMapping) -> RegisteredDevice:
+    m = dict(row)
     m["attributes"] = MappingProxyType(m["attributes"] or {})
     return RegisteredDevice(**m)
 
@@ -493,7 +494,12 @@ class Registry:
         for row, record in items:
             if record.device_id in seen:
                 errors.append(
-                    RowResult(row, record.device_id, "error", f"duplicate device_id: already at position {seen[record.device_id]}")
+                    RowResult(
+                        row,
+                        record.device_id,
+                        "error",
+                        f"duplicate device_id: already at position {seen[record.device_id]}",
+                    )
                 )
             else:
                 seen[record.device_id] = row
@@ -515,7 +521,11 @@ class Registry:
         """
         parsed = parse_csv(source, encoding=encoding)
         return self._import(
-            list(parsed.records), list(parsed.errors), batch_size=batch_size, progress=progress, dry_run=dry_run
+            list(parsed.records),
+            list(parsed.errors),
+            batch_size=batch_size,
+            progress=progress,
+            dry_run=dry_run,
         )
 
     def _import(
@@ -597,13 +607,13 @@ class Registry:
     def get(self, device_id: str) -> DeviceInfo | None:
         with self._engine.connect() as conn:
             row = conn.execute(select(*_INFO_COLUMNS).where(devices.c.device_id == device_id)).first()
-        return None if row is None else _info_from_row(row)
+        return None if row is None else _info_from_row(row._mapping)
 
     def describe(self, device_id: str) -> RegisteredDevice | None:
         """The full registry row of one device."""
         with self._engine.connect() as conn:
             row = conn.execute(select(*_FULL_COLUMNS).where(devices.c.device_id == device_id)).first()
-        return None if row is None else _device_from_row(row)
+        return None if row is None else _device_from_row(row._mapping)
 
     def list(
         self,
@@ -626,7 +636,7 @@ class Registry:
             if value is not None:
                 stmt = stmt.where(column == value)
         with self._engine.connect() as conn:
-            return [_device_from_row(row) for row in conn.execute(stmt)]
+            return [_device_from_row(row._mapping) for row in conn.execute(stmt)]
 
     def count(self) -> int:
         with self._engine.connect() as conn:
@@ -686,18 +696,22 @@ class Registry:
     def current_version(self) -> int:
         with self._engine.connect() as conn:
             return int(
-                conn.execute(select(registry_version.c.version).where(registry_version.c.id == 1)).scalar_one()
+                conn.execute(
+                    select(registry_version.c.version).where(registry_version.c.id == 1)
+                ).scalar_one()
             )
 
     def changed_since(self, version: int) -> builtins.list[DeviceInfo]:
         """Devices changed after `version` (any lifecycle, so a cache learns of disabled ones too)."""
         stmt = select(*_INFO_COLUMNS).where(devices.c.version > version).order_by(devices.c.version)
         with self._engine.connect() as conn:
-            return [_info_from_row(row) for row in conn.execute(stmt)]
+            return [_info_from_row(row._mapping) for row in conn.execute(stmt)]
 
     def load_all(self) -> dict[str, DeviceInfo]:
         with self._engine.connect() as conn:
-            return {row.device_id: _info_from_row(row) for row in conn.execute(select(*_INFO_COLUMNS))}
+            return {
+                row.device_id: _info_from_row(row._mapping) for row in conn.execute(select(*_INFO_COLUMNS))
+            }
 
 
 class RegistryCache:
@@ -709,8 +723,8 @@ class RegistryCache:
     the gateway can reject their messages with a specific reason.
     """
 
-    def __init__(self, registry: Registry) -> None:
-        self._registry = registry
+    def __init__(self, registry: Registry | Engine) -> None:
+        self._registry = registry if isinstance(registry, Registry) else Registry(registry)
         self._devices: dict[str, DeviceInfo] = {}
         self._version: int | None = None
         self._lock = threading.Lock()

@@ -118,8 +118,7 @@ def ensure_debian_packages(packages: list[str]) -> None:
     install = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
     if os.geteuid() != 0:
         raise StackError(
-            f"missing Debian packages: {' '.join(missing)}. Install them as root: "
-            f"sudo {' '.join(install)}"
+            f"missing Debian packages: {' '.join(missing)}. Install them as root: sudo {' '.join(install)}"
         )
     log.info("installing Debian packages: %s", " ".join(missing))
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -174,8 +173,10 @@ def _service_account(name: str) -> pwd.struct_passwd | None:
         pass
     log.info("creating system user %s", name)
     subprocess.run(
-        ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent"]
-        + ["--shell", "/usr/sbin/nologin", name],
+        [
+            *("useradd", "--system", "--user-group", "--no-create-home"),
+            *("--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name),
+        ],
         check=True,
         capture_output=True,
     )
@@ -191,7 +192,11 @@ def _run_as(account: pwd.struct_passwd | None) -> dict[str, Any]:
 
 def _child_env(home: Path) -> dict[str, str]:
     # A clean environment: PG*, INFLUXDB_* and locale variables of the caller would change behaviour.
-    return {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(home), "LC_ALL": "C"}
+    return {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": str(home),
+        "LC_ALL": "C",
+    }
 
 
 def _blocking_dirs(path: Path, account: pwd.struct_passwd) -> list[str]:
@@ -727,42 +732,46 @@ class PostgresService(Service):
 
     def _ready(self) -> bool:
         probe = subprocess.run(
-            [str(self.bindir / "pg_isready"), "-q", "-h", self.host, "-p", str(self.port)]
-            + ["-U", self.superuser, "-d", "postgres", "-t", "1"],
+            [
+                *(str(self.bindir / "pg_isready"), "-q", "-h", self.host, "-p", str(self.port)),
+                *("-U", self.superuser, "-d", "postgres", "-t", "1"),
+            ],
             env=_child_env(self.data_dir),
             check=False,
         )
         return probe.returncode == 0
 
     def _after_start(self) -> None:
-        if not self._database_exists(self.database):
-            self._execute(f'CREATE DATABASE "{self.database}"')
+        if not self.psql(f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'"):
+            self.psql(f'CREATE DATABASE "{self.database}"')
 
-    def _connect(self) -> Any:
-        import psycopg  # noqa: PLC0415 - only the PostgreSQL part of the stack needs the driver
-
-        return psycopg.connect(
-            host=self.host, port=self.port, user=self.superuser, dbname="postgres", autocommit=True
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        """Run one SQL statement as the superuser through psql (no driver needed); return its output."""
+        result = subprocess.run(
+            [
+                *(str(self.bindir / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"),
+                *("-h", self.host, "-p", str(self.port), "-U", self.superuser, "-d", database, "-c", sql),
+            ],
+            env=_child_env(self.data_dir),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
-
-    def _execute(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._connect() as conn, conn.cursor() as cur:
-            cur.execute(sql, params)
-            return list(cur.fetchall()) if cur.description else []
-
-    def _database_exists(self, name: str) -> bool:
-        return bool(self._execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)))
+        if result.returncode != 0:
+            raise StackError(f"postgres rejected {sql!r}: {result.stderr.strip()}")
+        return result.stdout.strip()
 
     def create_database(self, name: str) -> str:
         """Create a new, empty database and return its SQLAlchemy URL."""
         _check_pg_name(name)
-        self._execute(f'CREATE DATABASE "{name}"')
+        self.psql(f'CREATE DATABASE "{name}"')
         return self.dsn_for(name)
 
     def drop_database(self, name: str) -> None:
         """Drop a database, disconnecting whoever is still connected to it."""
         _check_pg_name(name)
-        self._execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        self.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _check_pg_name(name: str) -> None:
@@ -776,9 +785,9 @@ def start_postgres(
     """Start a PostgreSQL cluster in data_dir (initdb on first use) on 127.0.0.1:port.
 
     The cluster trusts every connection (it only listens on loopback) from the superuser "postgres";
-    `database` is created if missing and is what `.dsn` points at. for_tests=True turns fsync and
-    synchronous commit off: faster, and a machine crash may then corrupt the cluster, which a test
-    cluster can afford.
+    `database` is created if missing and is what `.dsn` points at. for_tests=True turns fsync (and full
+    page writes) off: faster, still safe against a killed server, but a machine crash may then corrupt
+    the cluster, which a test cluster can afford.
     """
     _check_pg_name(database)
     bindir = _postgres_bindir()
@@ -797,7 +806,9 @@ def start_postgres(
     argv = [str(bindir / "postgres"), "-D", str(data_dir / "pgdata"), "-p", str(port), "-k", socket_arg]
     argv += ["-c", f"listen_addresses={LOOPBACK}"]
     if for_tests:
-        argv += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        # Both only matter when the machine itself crashes; a killed server (what crash tests do) loses
+        # nothing. synchronous_commit stays on: with it off, a kill loses the last commits.
+        argv += ["-c", "fsync=off", "-c", "full_page_writes=off"]
     service = PostgresService(
         argv,
         data_dir,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from alembic import context
 from alembic.autogenerate.api import AutogenContext
@@ -13,7 +13,7 @@ from gateway.db import UTCDateTime, make_engine, metadata
 config = context.config
 
 
-def _render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | bool:
+def _render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:
     # Migrations must not import application types: they would change under old migrations.
     if type_ == "type" and isinstance(obj, UTCDateTime):
         return "sa.DateTime(timezone=True)"
