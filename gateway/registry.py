@@ -135,7 +135,7 @@ class DeviceRecord(BaseModel):
         if isinstance(value, str):
             value = value.strip()
             if value and value not in DEVICE_TYPES:
-                raise ValueError(f"unknown device type, expected one of {', '.join(DEVICE_TYPES)}")
+                raise ValueError(f"unknown device type (known: {', '.join(DEVICE_TYPES)})")
         if value is None or value == "":
             raise ValueError("is required")
         return value
@@ -144,14 +144,14 @@ class DeviceRecord(BaseModel):
     @classmethod
     def _check_grid_code(cls, value: str) -> str:
         if not _GRID_CODE_RE.fullmatch(value):
-            raise ValueError("must be 14 or 15 digits (unit grid code)")
+            raise ValueError("must be 14 or 15 digits")
         return value
 
     @field_validator("component_code")
     @classmethod
     def _check_component_code(cls, value: str | None) -> str | None:
         if value is not None and not _COMPONENT_CODE_RE.fullmatch(value):
-            raise ValueError("must be 16 digits (component identification code)")
+            raise ValueError("must be 16 digits")
         return value
 
     @field_validator("attributes")
@@ -327,9 +327,12 @@ def _parse_csv_stream(stream: IO[str], encoding: str) -> ParsedCsv:
         for row_number, cells in enumerate(reader, start=2):
             if not any(c.strip() for c in cells):
                 continue
-            data, problem = _row_to_data(columns, cells)
+            data = _row_to_data(columns, cells)
             device_id = str(data.get("device_id") or "").strip() or None
-            if problem is None and device_id is not None:
+            problem = None
+            if len(cells) > len(columns) and any(c.strip() for c in cells[len(columns) :]):
+                problem = f"the row has {len(cells)} cells but the header names {len(columns)} columns"
+            elif device_id is not None:
                 if device_id in first_row:
                     problem = f"duplicate device_id {device_id!r}: already on row {first_row[device_id]}"
                 else:
@@ -378,9 +381,8 @@ def _check_header(header: Sequence[str]) -> tuple[str, ...]:
     return columns
 
 
-def _row_to_data(columns: Sequence[str], cells: Sequence[str]) -> tuple[dict[str, Any], str | None]:
-    if len(cells) > len(columns) and any(c.strip() for c in cells[len(columns) :]):
-        return {}, f"the row has {len(cells)} cells but the header names {len(columns)} columns"
+def _row_to_data(columns: Sequence[str], cells: Sequence[str]) -> dict[str, Any]:
+    """The row as DeviceRecord input; missing trailing cells are empty, `attr.` columns nest."""
     data: dict[str, Any] = {}
     attributes: dict[str, str] = {}
     for column, cell in zip(columns, cells, strict=False):
@@ -390,7 +392,7 @@ def _row_to_data(columns: Sequence[str], cells: Sequence[str]) -> tuple[dict[str
         else:
             data[column] = cell
     data["attributes"] = attributes
-    return data, None
+    return data
 
 
 _RECORD_FIELDS: Final = tuple(DeviceRecord.model_fields)

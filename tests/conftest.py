@@ -7,9 +7,9 @@ start fails the tests that need it, with the service's log tail; it never skips 
 
 from __future__ import annotations
 
-import os
 import re
-import stat
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,29 +40,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
 
 
-def _let_services_through(path: Path, basetemp: Path) -> None:
-    """Let the services' system users enter pytest's private temp dirs on the way to their data dir.
-
-    As root, the services run as `mosquitto`, `influxdb` and `postgres`, but pytest creates its temp dirs
-    with mode 0700. Only the search bit is added (no listing), and only on the dirs pytest made for this
-    run: from `path` up to the basetemp, and pytest's per-user root, which pytest makes private again at
-    the start of the next run.
-    """
-    if os.geteuid() != 0:
-        return
-    dirs = [path, *(p for p in path.parents if p.is_relative_to(basetemp))]
-    if basetemp.parent.name.startswith("pytest-of-"):
-        dirs.append(basetemp.parent)
-    for directory in dirs:
-        mode = stat.S_IMODE(directory.stat().st_mode)
-        if not mode & stat.S_IXOTH:
-            directory.chmod(mode | stat.S_IXOTH)
-
-
-def _make_service_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
-    path = tmp_path_factory.mktemp(name)
-    _let_services_through(path, tmp_path_factory.getbasetemp())
-    return path
+def _make_service_dir(root: Path, name: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
 
 
 def _start_or_fail(start: Callable[[], T]) -> T:
@@ -81,35 +60,52 @@ def stack_packages() -> None:
 
 
 @pytest.fixture(scope="session")
-def mosquitto(stack_packages: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoService]:
+def stack_root(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """The parent of the services' data dirs (and logs): a fresh `sc-stack-*` dir in the system temp dir.
+
+    Not one of pytest's temp dirs: as root, the services run as their own system users, which must be
+    able to enter every directory on the way to their data, and pytest's are private (0700). Opening
+    them up does not last either: every pytest run that starts resets /tmp/pytest-of-<user> to 0700,
+    which locks the services of any run still going out of their files. Removed after a run without
+    failures, kept with the logs otherwise.
+    """
+    root = Path(tempfile.mkdtemp(prefix="sc-stack-"))
+    root.chmod(0o711)
+    yield root
+    if request.session.testsfailed == 0:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mosquitto(stack_packages: None, stack_root: Path) -> Iterator[MosquittoService]:
     """The session's broker, with the shipped mosquitto/mosquitto.conf: `.host`, `.port`, `.log_path`."""
-    service = _start_or_fail(lambda: start_mosquitto(_make_service_dir(tmp_path_factory, "mosquitto")))
+    service = _start_or_fail(lambda: start_mosquitto(_make_service_dir(stack_root, "mosquitto")))
     with service:
         yield service
 
 
 @pytest.fixture(scope="session")
-def influxdb(stack_packages: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxService]:
+def influxdb(stack_packages: None, stack_root: Path) -> Iterator[InfluxService]:
     """The session's influxd 1.x: `.url` is the HTTP API (v1: /ping, /write, /query)."""
-    service = _start_or_fail(lambda: start_influxdb(_make_service_dir(tmp_path_factory, "influxdb")))
+    service = _start_or_fail(lambda: start_influxdb(_make_service_dir(stack_root, "influxdb")))
     with service:
         yield service
 
 
 @pytest.fixture(scope="session")
-def postgres(stack_packages: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresService]:
+def postgres(stack_packages: None, stack_root: Path) -> Iterator[PostgresService]:
     """The session's PostgreSQL cluster (fsync off): `.dsn`, `.create_database()`, `.drop_database()`."""
     service = _start_or_fail(
-        lambda: start_postgres(_make_service_dir(tmp_path_factory, "postgres"), for_tests=True)
+        lambda: start_postgres(_make_service_dir(stack_root, "postgres"), for_tests=True)
     )
     with service:
         yield service
 
 
 @pytest.fixture
-def service_dir(stack_packages: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def service_dir(stack_packages: None, stack_root: Path) -> Path:
     """A fresh data dir that the services' system users can reach, for a private service in one test."""
-    return _make_service_dir(tmp_path_factory, "service")
+    return _make_service_dir(stack_root, "service")
 
 
 @pytest.fixture
