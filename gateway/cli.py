@@ -535,7 +535,13 @@ def _deadletters_prune(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 # The command groups of `sc-gateway`, listed explicitly. Add a module's registrar here.
-COMMANDS: list[Registrar] = [add_db_commands, add_device_commands, add_deadletter_commands]
+def add_run_commands(sub: SubParsers) -> None:
+    from gateway.runcmd import add_run_commands as add
+
+    add(sub)
+
+
+COMMANDS: list[Registrar] = [add_db_commands, add_device_commands, add_deadletter_commands, add_run_commands]
 
 
 def build_parser(commands: Sequence[Registrar] | None = None) -> argparse.ArgumentParser:

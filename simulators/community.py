@@ -389,12 +389,25 @@ def write_devices_csv(rows: Iterable[Mapping[str, Any]], out: Path | str | TextI
 
 
 def _write(rows: Iterable[Mapping[str, Any]], fh: TextIO) -> None:
-    writer = csv.DictWriter(fh, fieldnames=ROW_KEYS, lineterminator="\n")
+    # The registry's import format: one `attr.<name>` column per attribute (installers edit these in
+    # spreadsheets), so this file can go straight into `sc-gateway devices import`.
+    rows = list(rows)
+    attr_names = sorted({name for row in rows for name in (row.get("attributes") or {})})
+    columns = [k for k in ROW_KEYS if k != "attributes"] + [f"attr.{n}" for n in attr_names]
+    writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        out = {k: ("" if row.get(k) is None else row[k]) for k in ROW_KEYS}
-        out["attributes"] = json.dumps(row.get("attributes") or {}, ensure_ascii=False, sort_keys=True)
+        out = {k: ("" if row.get(k) is None else row[k]) for k in ROW_KEYS if k != "attributes"}
+        for name, value in (row.get("attributes") or {}).items():
+            out[f"attr.{name}"] = value
         writer.writerow(out)
+
+
+def _attr_value(device_type: str, name: str, text: str) -> Any:
+    for f in THING_MODELS[device_type].attributes:
+        if f.name == name:
+            return f.kind(text) if f.kind is not bool else text.lower() in ("1", "true", "yes")
+    return text
 
 
 def read_devices_csv(source: Path | str | TextIO) -> list[dict[str, Any]]:
@@ -419,9 +432,13 @@ def _read(fh: TextIO, where: str) -> list[dict[str, Any]]:
             if row.get(key) is not None:
                 row[key] = float(row[key])
         try:
-            row["attributes"] = json.loads(row["attributes"]) if row.get("attributes") else {}
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}:{line}: attributes is not JSON: {exc}") from None
+            attrs = json.loads(row["attributes"]) if row.get("attributes") else {}
+            for k, v in raw.items():
+                if k and k.startswith("attr.") and v not in ("", None):
+                    attrs[k[5:]] = _attr_value(row["device_type"], k[5:], v)
+        except (json.JSONDecodeError, ValueError) as exc:
+            raise ValueError(f"{where}:{line}: bad attributes: {exc}") from None
+        row["attributes"] = attrs
         rows.append(row)
     return rows
 

@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from stack.services import (
     InfluxService,
@@ -38,6 +39,7 @@ class Mqtt:
         )
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.session_present: bool | None = None
+        self.connect_reason: ReasonCode | None = None
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self.client.on_connect = self._on_connect
@@ -52,9 +54,18 @@ class Mqtt:
         )
         self.client.loop_start()
         assert self._connected.wait(TIMEOUT_S), "no CONNACK"
+        assert self.connect_reason is not None and not self.connect_reason.is_failure, self.connect_reason
 
-    def _on_connect(self, _client, _userdata, flags, reason_code, _properties) -> None:  # type: ignore[no-untyped-def]
-        assert not reason_code.is_failure, reason_code
+    def _on_connect(
+        self,
+        _client: mqtt.Client,
+        _userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        _properties: Properties | None,
+    ) -> None:
+        # Asserting here would only kill paho's network thread: the test thread checks.
+        self.connect_reason = reason_code
         self.session_present = flags.session_present
         self._connected.set()
 
@@ -68,7 +79,7 @@ class Mqtt:
         assert info.is_published(), "no PUBACK"
 
     def receive(self, count: int) -> list[bytes]:
-        return [self.messages.get(timeout=TIMEOUT_S).payload for _ in range(count)]
+        return [bytes(self.messages.get(timeout=TIMEOUT_S).payload) for _ in range(count)]
 
     def close(self) -> None:
         self.client.disconnect()
