@@ -1,0 +1,179 @@
+"""`python -m stack up`: run the whole thing locally (broker, database, gateway, a simulated community).
+
+`python -m stack packages` installs the Debian packages the stack needs.
+Everything runs on 127.0.0.1 with its data under .var/; Ctrl-C stops what this started, in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from stack.services import (
+    REPO_ROOT,
+    REQUIRED_PACKAGES,
+    Service,
+    StackError,
+    ensure_debian_packages,
+    free_port,
+    start_influxdb,
+    start_mosquitto,
+)
+
+VAR = REPO_ROOT / ".var"
+
+
+def _port(wanted: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", wanted))
+            return wanted
+        except OSError:
+            return free_port()
+
+
+def _metric(text: str, name: str, having: str = "") -> float:
+    """Sum of a Prometheus metric's samples (optionally only those whose labels contain `having`)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith((name + " ", name + "{")) and having in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _scrape(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            return str(r.read().decode())
+    except OSError:
+        return ""
+
+
+def up(args: argparse.Namespace) -> int:
+    py = sys.executable
+    VAR.mkdir(exist_ok=True)
+    services: list[Service] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        mq_port, influx_port = _port(args.mqtt_port), _port(args.influx_port)
+        print("==> starting Mosquitto and InfluxDB", flush=True)
+        services.append(start_mosquitto(VAR / "mosquitto", mq_port))
+        services.append(start_influxdb(VAR / "influxdb", influx_port))
+        db_url = f"sqlite:///{VAR / 'registry.db'}"
+        metrics_port = _port(args.metrics_port)
+        env = dict(
+            os.environ,
+            SC_MQTT_PORT=str(mq_port),
+            SC_INFLUX_URL=f"http://127.0.0.1:{influx_port}",
+            SC_DATABASE_URL=db_url,
+            SC_SPOOL_DIR=str(VAR / "spool"),
+            SC_METRICS_PORT=str(metrics_port),
+            SC_WORKERS=str(args.workers),
+        )
+        cli = [py, "-m", "gateway.cli"]
+        subprocess.run([*cli, "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
+        csv_path = VAR / "community.csv"
+        if not args.no_sim:
+            print("==> registering a simulated community", flush=True)
+            subprocess.run([py, "-m", "simulators.community", "--seed", str(args.seed), "--out", str(csv_path)],
+                           env=env, check=True, stdout=subprocess.DEVNULL)
+            subprocess.run([*cli, "devices", "import", str(csv_path)], env=env, check=True)
+        print("==> starting the gateway", flush=True)
+        gw_log = open(VAR / "gateway.log", "ab")  # noqa: SIM115 - lives as long as the process
+        procs.append(subprocess.Popen([*cli, "run"], env=env, stdout=gw_log, stderr=gw_log,
+                                      start_new_session=True))
+        if not args.no_sim:
+            sim_log = open(VAR / "simulator.log", "ab")  # noqa: SIM115
+            procs.append(subprocess.Popen(
+                [py, "-m", "simulators.run", "--host", "127.0.0.1", "--port", str(mq_port),
+                 "--devices-csv", str(csv_path), "--interval", str(args.interval), "--progress", "30"],
+                env=env, stdout=sim_log, stderr=sim_log, start_new_session=True,
+            ))
+        influx_cli = f"influx -port {influx_port} -database sc"
+        print(f"""
+Running (all on 127.0.0.1; data under {VAR}):
+  Mosquitto  mqtt://127.0.0.1:{mq_port}          log {VAR / 'mosquitto'}
+  InfluxDB   http://127.0.0.1:{influx_port}      database "sc"
+  Gateway    metrics http://127.0.0.1:{metrics_port}/metrics   log {VAR / 'gateway.log'}
+  Simulator  {'off' if args.no_sim else f'community of {csv_path} every ~{args.interval}s'}   log {VAR / 'simulator.log'}
+
+Look at it:
+  {influx_cli} -execute 'SELECT * FROM streetlight ORDER BY time DESC LIMIT 5'
+  SC_DATABASE_URL={db_url} .venv/bin/sc-gateway devices list
+  SC_DATABASE_URL={db_url} .venv/bin/sc-gateway deadletters counts
+  mosquitto_sub -p {mq_port} -t 'sc/v1/#' -v
+Ctrl-C stops everything.
+""", flush=True)
+        last = time.monotonic()
+        while not stopping:
+            time.sleep(0.5)
+            for p in procs:
+                if p.poll() is not None and not stopping:
+                    print(f"!! {p.args[2] if isinstance(p.args, list) else p.args} exited with {p.returncode}; "
+                          f"see the logs under {VAR}", flush=True)
+                    stopping = True
+            if time.monotonic() - last >= args.report_s:
+                last = time.monotonic()
+                text = _scrape(metrics_port)
+                if text:
+                    stored = int(_metric(text, "sc_messages_total", 'outcome="stored"'))
+                    rejected = int(_metric(text, "sc_rejects_total"))
+                    spooled = int(_metric(text, "sc_spool_segments"))
+                    print(f"[{time.strftime('%H:%M:%S')}] messages stored {stored}, set aside {rejected}, "
+                          f"spool segments {spooled}", flush=True)
+        return 0
+    except (StackError, subprocess.CalledProcessError) as exc:
+        print(f"!! {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("==> stopping", flush=True)
+        for p in reversed(procs):
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(p.pid, signal.SIGKILL)
+        for s in reversed(services):
+            s.stop()
+        print("stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stack")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("packages", help="install the Debian packages the stack needs")
+    u = sub.add_parser("up", help="run broker, database, gateway and a simulated community")
+    u.add_argument("--mqtt-port", type=int, default=1883)
+    u.add_argument("--influx-port", type=int, default=8086)
+    u.add_argument("--metrics-port", type=int, default=9108)
+    u.add_argument("--workers", type=int, default=1)
+    u.add_argument("--seed", type=int, default=1, help="simulated community seed")
+    u.add_argument("--interval", type=float, default=5.0, help="seconds between a simulated device's reports")
+    u.add_argument("--no-sim", action="store_true", help="no simulated community")
+    u.add_argument("--report-s", type=float, default=10.0, help="seconds between progress lines")
+    args = p.parse_args(argv)
+    if args.cmd == "packages":
+        ensure_debian_packages(REQUIRED_PACKAGES)
+        return 0
+    return up(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
