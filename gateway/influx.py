@@ -67,12 +67,17 @@ def classify(resp: httpx.Response) -> WriteResult:
 class _HttpWriter:
     path = ""
 
-    def __init__(self, base_url: str, params: dict[str, str], headers: dict[str, str], timeout_s: float) -> None:
+    def __init__(
+        self, base_url: str, params: dict[str, str], headers: dict[str, str], timeout_s: float,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        # `transport` is for tests (httpx.MockTransport); None is httpx's own connection pool.
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             timeout=httpx.Timeout(timeout_s),
             headers={"Content-Type": "text/plain; charset=utf-8", **headers},
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
+            transport=transport,
         )
         self._params = params
 
@@ -100,6 +105,7 @@ class V1Writer(_HttpWriter):
     def __init__(
         self, base_url: str, db: str, *, rp: str | None = None, username: str | None = None,
         password: str | None = None, timeout_s: float = 10.0, create_db: bool = True,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         params = {"db": db, "precision": "ms"}
         if rp:
@@ -107,7 +113,7 @@ class V1Writer(_HttpWriter):
         if username:
             params["u"] = username
             params["p"] = password or ""
-        super().__init__(base_url, params, {}, timeout_s)
+        super().__init__(base_url, params, {}, timeout_s, transport)
         self._db = db
         self._create_db = create_db
 
@@ -138,10 +144,14 @@ class V2Writer(_HttpWriter):
 
     path = "/api/v2/write"
 
-    def __init__(self, base_url: str, org: str, bucket: str, token: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, base_url: str, org: str, bucket: str, token: str, *, timeout_s: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         super().__init__(
             base_url,
             {"org": org, "bucket": bucket, "precision": "ms"},
             {"Authorization": f"Token {token}", "Accept": "application/json"},
             timeout_s,
+            transport,
         )

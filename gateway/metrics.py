@@ -27,3 +27,8 @@ INFLUX_UP = Gauge("sc_influx_up", "1 while InfluxDB accepts writes", registry=RE
 UNACKED = Gauge("sc_unacked_messages", "messages received but not yet acknowledged to the broker",
                 registry=REGISTRY)
 REGISTRY_DEVICES = Gauge("sc_registry_devices", "devices in the in-memory registry", registry=REGISTRY)
+STORED_LATENCY = Histogram(
+    "sc_stored_latency_seconds", "device time (or receive time) to durably stored, sampled 1 in 4 messages",
+    registry=REGISTRY,
+    buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60),
+)

@@ -21,7 +21,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway import metrics
+from gateway import metrics, mqtt_tuning
 from gateway.decode import Decoder
 from gateway.lineproto import to_line
 from gateway.messages import DeviceLike, Duplicate, RawMessage, Reading, Reason, Rejection
@@ -125,6 +125,7 @@ class Pipeline:
         )
         # Acknowledge only once stored: aiomqtt has no switch for it, the paho client underneath does.
         client._client.manual_ack_set(True)
+        mqtt_tuning.tune(client._client)
         return client
 
     async def run_intake(self) -> None:
@@ -242,6 +243,9 @@ class Pipeline:
                 self._writing = False
             self._account(batch)
             self._ack(batch)
+            now_ms = time.time_ns() // 1_000_000
+            for r in batch.readings[::4]:
+                metrics.STORED_LATENCY.observe(max(0, now_ms - r.ts_ms) / 1000)
             if self._on_readings and batch.readings:
                 self._on_readings(batch.readings)
 
@@ -272,8 +276,10 @@ class Pipeline:
         if client is None or batch.gen != self._gen:
             return  # that connection is gone; the broker redelivers and duplicates are recognised
         paho = client._client
+        mqtt_tuning.ack_qos1(paho, [mid for mid, qos in batch.mids if qos == 1])
         for mid, qos in batch.mids:
-            paho.ack(mid, qos)
+            if qos == 2:
+                paho.ack(mid, qos)
 
     async def _drop_connection(self) -> None:
         if self._client is not None:

@@ -18,7 +18,7 @@ from gateway import logs, metrics
 from gateway.db import make_engine, migrate
 from gateway.deadletter import DeadLetter, DeadLetterStore, DeviceStateStore, StatusUpdate
 from gateway.influx import V1Writer, V2Writer, Writer
-from gateway.messages import Rejection
+from gateway.messages import Reason, Rejection
 from gateway.pipeline import Pipeline, SeenUpdate, Sinks, db_rejections
 from gateway.registry import RegistryCache
 from gateway.settings import Settings
@@ -87,6 +87,8 @@ async def run_worker(s: Settings, index: int = 0) -> None:
 
     async def on_rejected(rejected: Rejected) -> None:
         await asyncio.to_thread(sinks.dead_letters, db_rejections(rejected, time.time_ns() // 1_000_000))
+        # Set aside like any other reject, so sc_rejects_total agrees with the dead-letter store.
+        metrics.REJECTS.labels(Reason.DB_REJECTED.value).inc(len(rejected))
 
     spool = Spool(s.spool_dir / f"worker-{index}", s.spool_max_bytes)
     if len(spool):

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -34,6 +35,8 @@ class Spool:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
+        # append() (intake) and replace_oldest()/pop_oldest() (drain) run in different worker threads.
+        self._lock = threading.Lock()
         for tmp in self.dir.glob("*.tmp"):
             tmp.unlink()  # an append interrupted by a crash was never acknowledged
         self._segments = sorted(self.dir.glob("*.lp"))
@@ -68,9 +71,10 @@ class Spool:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-        self._segments.append(path)
-        self.bytes += len(body)
-        self._gauges()
+        with self._lock:
+            self._segments.append(path)
+            self.bytes += len(body)
+            self._gauges()
         if self.bytes > 0.8 * self.max_bytes and not self._warned:
             self._warned = True
             log.error("spool_nearly_full", extra={"bytes": self.bytes, "max_bytes": self.max_bytes})
@@ -91,12 +95,14 @@ class Spool:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        self.bytes += len(body) - old
-        self._gauges()
+        with self._lock:
+            self.bytes += len(body) - old
+            self._gauges()
 
     def pop_oldest(self) -> None:
-        path = self._segments.pop(0)
-        self.bytes -= path.stat().st_size
+        with self._lock:
+            path = self._segments.pop(0)
+            self.bytes -= path.stat().st_size
         path.unlink()
         if self.bytes < 0.5 * self.max_bytes:
             self._warned = False
@@ -145,12 +151,14 @@ class Store:
     async def _to_spool(self, lines: list[str]) -> None:
         body = ("\n".join(lines) + "\n").encode()
         while True:
+            # Cleared before the attempt, not after it fails: room the drain makes while the append is
+            # finding the spool full must still wake us (else we could wait for ever on an empty spool).
+            self._room.clear()
             try:
                 await asyncio.to_thread(self._spool.append, body)
                 break
             except SpoolFullError:
                 # Intake waits here; the broker keeps the messages we have not acknowledged.
-                self._room.clear()
                 await self._room.wait()
         metrics.POINTS_SPOOLED.inc(len(lines))
         self._wake.set()
@@ -210,6 +218,7 @@ class Store:
 
     async def drain_forever(self) -> None:
         """Send the spool, oldest first, whenever it has anything and the back-off allows."""
+        errors = 0
         while True:
             if len(self._spool) == 0:
                 self._wake.clear()
@@ -224,7 +233,18 @@ class Store:
                 continue
             _, body = oldest
             lines = [ln for ln in body.decode().split("\n") if ln]
-            unsent, result = await self._send(lines)
+            try:
+                unsent, result = await self._send(lines)
+            except Exception:
+                # E.g. the dead-letter sink is down. The segment stays (resent lines are idempotent in
+                # InfluxDB); this task must not die, or nothing would ever drain the spool again.
+                errors += 1
+                self._next_attempt = time.monotonic() + min(self._retry_max_s, 0.5 * 2 ** min(errors - 1, 16))
+                if errors in (1, 3, 10) or errors % 50 == 0:
+                    log.exception("spool_drain_failed",
+                                  extra={"errors": errors, "spool_segments": len(self._spool)})
+                continue
+            errors = 0
             if unsent:
                 if len(unsent) != len(lines):
                     await asyncio.to_thread(self._spool.replace_oldest, ("\n".join(unsent) + "\n").encode())
