@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +16,7 @@ from devices import DEVICE_ID_RE, MAX_PAYLOAD_BYTES, THING_MODELS
 from devices.model import STATUS_ADAPTER
 from gateway.messages import DeviceLike, Duplicate, Outcome, RawMessage, Reading, Reason, Rejection
 
+_CREDENTIAL_RE = re.compile(rb'("credential"\s*:\s*")((?:[^"\\\\]|\\\\.)*)(")')
 TOPIC_KINDS = ("telemetry", "event", "status")
 INACTIVE_LIFECYCLES = frozenset({"disabled", "retired"})
 # RFC 3339 date-time (section 5.6; "T"/"Z" may be lower case, a space may stand for "T"). The offset is
@@ -70,7 +72,7 @@ def _describe(exc: ValidationError) -> tuple[Reason, str]:
     for e in errors[:4]:
         loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) and p not in _UNION_BRANCHES)
         inp = e.get("input")
-        got = f" (got {inp!r:.40})" if loc and not isinstance(inp, dict) else ""
+        got = f" (got {inp!r:.40})" if loc and not isinstance(inp, dict) and "credential" not in loc else ""
         parts.append(f"{loc + ': ' if loc else ''}{e['msg']}{got}")
     if len(errors) > 4:
         parts.append(f"... {len(errors) - 4} more")
@@ -117,6 +119,28 @@ class Decoder:
         self.skewed = 0
 
     def decode(self, raw: RawMessage) -> Outcome:
+        out = self._decode(raw)
+        if isinstance(out, Rejection) and b"credential" in raw.payload:
+            return self._redacted(out)
+        return out
+
+    def _redacted(self, rej: Rejection) -> Rejection:
+        """A rejected message keeps no raw access credential: the value becomes its keyed hash."""
+        secrets: list[str] = []
+
+        def sub(m: re.Match[bytes]) -> bytes:
+            value = m.group(2).decode("utf-8", "replace")
+            secrets.append(value)
+            return m.group(1) + b"hash:" + credential_hash(self._key, value).encode() + m.group(3)
+
+        payload = _CREDENTIAL_RE.sub(sub, rej.raw.payload)
+        detail = rej.detail
+        for value in secrets:
+            if value:
+                detail = detail.replace(value, "***")
+        return replace(rej, raw=replace(rej.raw, payload=payload), detail=detail)
+
+    def _decode(self, raw: RawMessage) -> Outcome:
         parts = raw.topic.split("/")
         if len(parts) != 5 or parts[0] != "sc" or parts[1] != "v1" or parts[4] not in TOPIC_KINDS:
             return Rejection(raw, Reason.BAD_TOPIC, f"topic {raw.topic!r} is not sc/v1/{{type}}/{{id}}/{{kind}}")

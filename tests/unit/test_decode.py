@@ -323,3 +323,21 @@ def test_event_name_moves_out_of_the_values(dec: Decoder) -> None:
     r = reading(access_event(dec, seq=4, event="door_held_open", open_s=95))
     assert (r.event, r.values, r.kind) == ("door_held_open", {"open_s": 95.0}, "event")
     assert type(r.values["open_s"]) is float
+
+
+def test_rejected_access_event_keeps_no_raw_credential() -> None:
+    """A dead-lettered access event must not keep the card id: personal data, stored only as a keyed hash."""
+    from gateway.decode import Decoder
+    from gateway.messages import RawMessage, Rejection
+    from gateway.registry import DeviceInfo
+
+    dev = DeviceInfo("ac-1", "access_control", "c", "110101001001001", None, None, None, None, "online")
+    dec = Decoder({"ac-1": dev}.get, credential_key=b"k")
+    for payload in (
+        b'{"event":"access_denied","method":"telepathy","credential":"card-123456"}',
+        b'{"event":"access_denied","method":"card","reason":"expired","credential":"card-123456' + b"9" * 300 + b'"}',
+    ):
+        out = dec.decode(RawMessage("sc/v1/access_control/ac-1/event", payload, 0))
+        assert isinstance(out, Rejection)
+        assert b"card-123456" not in out.raw.payload and "card-123456" not in out.detail
+        assert b'"credential":"hash:' in out.raw.payload
