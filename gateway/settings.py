@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     mqtt_username: str | None = Field(None, description="gateway's broker account")
     mqtt_password: SecretStr | None = Field(None, description="gateway's broker password")
     mqtt_share_group: str = Field(
-        "sc-gateway", pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        "sc-gateway", pattern=r"^[A-Za-z0-9_-]{0,64}$",
         description="shared-subscription group: processes in one group share the load; empty = no sharing",
     )
     mqtt_device_types: str = Field(
@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.environment == "production" and self.credential_hash_key.get_secret_value() == DEV_CREDENTIAL_KEY:
             raise ValueError("SC_CREDENTIAL_HASH_KEY must be set to a secret in production")
+        if self.workers > 1 and not self.mqtt_share_group:
+            raise ValueError("SC_WORKERS > 1 needs SC_MQTT_SHARE_GROUP: each worker would get every message")
         if self.influx_mode == "v2":
             missing = [n for n in ("influx_org", "influx_bucket", "influx_token") if getattr(self, n) is None]
             if missing:

@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 30.0
 LOG_TAIL_LINES = 60
 CREDENTIAL_KEY = "integration-test-credential-key"
+NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK reason code
 
 T = TypeVar("T")
 
@@ -57,7 +58,9 @@ def wait_for(
         if ok(value):
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last value: {value!r:.2000}")
+            raise AssertionError(
+                f"timed out after {timeout:.0f} s waiting for {what}; last value: {value!r:.2000}"
+            )
         time.sleep(0.1)
 
 
@@ -113,8 +116,12 @@ class GatewayProcess:
             log.flush()
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway.cli", "run"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=self.env, cwd=self.log_path.parent, start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.log_path.parent,
+                start_new_session=True,
             )
         self.wait_connected()
         return self
@@ -138,7 +145,9 @@ class GatewayProcess:
     def metrics(self) -> Metrics:
         text = self._scrape()
         if text is None:
-            raise AssertionError(f"{self.name}: /metrics on port {self.metrics_port} did not answer\n{self.tail()}")
+            raise AssertionError(
+                f"{self.name}: /metrics on port {self.metrics_port} did not answer\n{self.tail()}"
+            )
         return Metrics(text)
 
     def is_running(self) -> bool:
@@ -197,6 +206,7 @@ class Publisher:
         self.client.max_inflight_messages_set(100)
         self.client.reconnect_delay_set(0.1, 1)
         self.acked: set[int] = set()
+        self.unrouted: set[int] = set()  # acknowledged with "no matching subscribers": nobody got them
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self.client.on_connect = lambda *_: self._connected.set()
@@ -205,10 +215,14 @@ class Publisher:
         self.client.loop_start()
         assert self._connected.wait(TIMEOUT_S), "publisher: no CONNACK"
 
-    def _on_publish(self, _client: mqtt.Client, _userdata: object, mid: int, reason_code: Any, _props: Any) -> None:
+    def _on_publish(
+        self, _client: mqtt.Client, _userdata: object, mid: int, reason_code: Any, _props: Any
+    ) -> None:
         if not reason_code.is_failure:
             with self._lock:
                 self.acked.add(mid)
+                if reason_code.value == NO_MATCHING_SUBSCRIBERS:
+                    self.unrouted.add(mid)
 
     def is_acked(self, mid: int) -> bool:
         with self._lock:
@@ -303,23 +317,25 @@ class Harness:
 
     def gateway_env(self, **overrides: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SC_")}
-        env.update({
-            "PYTHONPATH": str(REPO),
-            "SC_ENVIRONMENT": "test",
-            "SC_INSTANCE": self.instance,
-            "SC_MQTT_HOST": self.broker.host,
-            "SC_MQTT_PORT": str(self.broker.port),
-            "SC_MQTT_SHARE_GROUP": self.share_group,
-            "SC_INFLUX_URL": self.influx.url,
-            "SC_INFLUX_DB": self.influx_db,
-            "SC_DATABASE_URL": self.db_url,
-            "SC_SPOOL_DIR": str(self.workdir / "spool"),
-            "SC_METRICS_PORT": str(free_port()),
-            "SC_BATCH_MAX_DELAY_MS": "50",
-            "SC_REGISTRY_REFRESH_S": "0.5",
-            "SC_STATE_FLUSH_S": "0.5",
-            "SC_CREDENTIAL_HASH_KEY": CREDENTIAL_KEY,
-        })
+        env.update(
+            {
+                "PYTHONPATH": str(REPO),
+                "SC_ENVIRONMENT": "test",
+                "SC_INSTANCE": self.instance,
+                "SC_MQTT_HOST": self.broker.host,
+                "SC_MQTT_PORT": str(self.broker.port),
+                "SC_MQTT_SHARE_GROUP": self.share_group,
+                "SC_INFLUX_URL": self.influx.url,
+                "SC_INFLUX_DB": self.influx_db,
+                "SC_DATABASE_URL": self.db_url,
+                "SC_SPOOL_DIR": str(self.workdir / "spool"),
+                "SC_METRICS_PORT": str(free_port()),
+                "SC_BATCH_MAX_DELAY_MS": "50",
+                "SC_REGISTRY_REFRESH_S": "0.5",
+                "SC_STATE_FLUSH_S": "0.5",
+                "SC_CREDENTIAL_HASH_KEY": CREDENTIAL_KEY,
+            }
+        )
         env.update(overrides)
         return env
 
@@ -356,7 +372,9 @@ class Harness:
     def write_lines(self, body: str) -> None:
         """Write line protocol straight into this test's database (ms precision), creating it."""
         self.query_admin(f'CREATE DATABASE "{self.influx_db}"')
-        resp = self._http.post("/write", params={"db": self.influx_db, "precision": "ms"}, content=body.encode())
+        resp = self._http.post(
+            "/write", params={"db": self.influx_db, "precision": "ms"}, content=body.encode()
+        )
         assert resp.status_code == 204, resp.text
 
     def query_admin(self, q: str) -> None:
@@ -372,12 +390,20 @@ class Harness:
     def seqs(self, measurement: str, device_id: str) -> list[int]:
         """The seq field of every point of one device, in time order (a point stored twice shows twice
         only if its time differs; same-time rewrites are one point, as InfluxDB keys points by time)."""
-        return [r["seq"] for r in self.query(f"SELECT seq FROM \"{measurement}\" WHERE device_id = '{device_id}'")]
+        return [
+            r["seq"] for r in self.query(f"SELECT seq FROM \"{measurement}\" WHERE device_id = '{device_id}'")
+        ]
 
-    def wait_points(self, measurement: str, device_id: str, n: int, timeout: float = TIMEOUT_S) -> list[dict[str, Any]]:
+    def wait_points(
+        self, measurement: str, device_id: str, n: int, timeout: float = TIMEOUT_S
+    ) -> list[dict[str, Any]]:
         """Wait until the device has at least `n` points in `measurement`; return them."""
-        return wait_for(lambda: self.points(measurement, device_id), lambda rows: len(rows) >= n,
-                        what=f"{n} point(s) of {device_id} in {measurement}", timeout=timeout)
+        return wait_for(
+            lambda: self.points(measurement, device_id),
+            lambda rows: len(rows) >= n,
+            what=f"{n} point(s) of {device_id} in {measurement}",
+            timeout=timeout,
+        )
 
     # -- teardown
 
@@ -414,7 +440,9 @@ def make_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cal
 
 
 @pytest.fixture
-def harness(make_harness: Callable[..., Harness], mosquitto: MosquittoService, influxdb: InfluxService) -> Harness:
+def harness(
+    make_harness: Callable[..., Harness], mosquitto: MosquittoService, influxdb: InfluxService
+) -> Harness:
     """A harness on the session's broker and InfluxDB."""
     return make_harness(mosquitto, influxdb)
 

@@ -44,7 +44,9 @@ def _rfc3339(ms: int) -> str:
     return when.isoformat(timespec="milliseconds")
 
 
-def _expected_fields(payload: dict[str, Any], declared: tuple[Field, ...]) -> tuple[dict[str, Any], dict[str, str]]:
+def _expected_fields(
+    payload: dict[str, Any], declared: tuple[Field, ...]
+) -> tuple[dict[str, Any], dict[str, str]]:
     """The fields (values and InfluxDB types) a valid payload becomes."""
     kinds = {f.name: f.kind for f in declared}
     values: dict[str, Any] = {}
@@ -68,7 +70,7 @@ def _check_point(point: dict[str, Any], row: dict[str, Any], ts: int, values: di
     assert (point["community"], point["grid"]) == (row["community"], row["grid_code"])
     for name, want in values.items():
         got = point[name]
-        if isinstance(want, bool) or isinstance(want, int | str):
+        if isinstance(want, bool | int | str):
             assert got == want and type(got) is type(want), (name, got, want)
         else:
             assert got == pytest.approx(want, rel=1e-12), (name, got, want)
@@ -98,8 +100,9 @@ def test_every_device_type_lands_with_its_tags_types_and_time(harness: Harness) 
             # The event with the most extra fields, every optional one included; ts as RFC 3339 text.
             ev = max(model.events, key=lambda e: len(e.fields))
             ev_ts = ts + 1
-            payload = example_payload(model, random.Random(i), "event", event=ev.name, seq=2,
-                                      ts=_rfc3339(ev_ts))
+            payload = example_payload(
+                model, random.Random(i), "event", event=ev.name, seq=2, ts=_rfc3339(ev_ts)
+            )
             values, types = _expected_fields(payload, ev.fields)
             types["count"] = "integer"
             values["count"] = 1
@@ -149,8 +152,11 @@ def test_bad_input_is_set_aside_with_its_reason_and_good_input_around_it_lands(
     assert harness.registry.set_lifecycle(disabled["device_id"], "disabled")
     probe = community_rows(f"{slug}p", covers=1)
     harness.register(probe)
-    wait_for(lambda: gw.metrics().value("sc_registry_devices"), lambda n: n == len(rows) + 1,
-             what="the gateway's registry cache to refresh")
+    wait_for(
+        lambda: gw.metrics().value("sc_registry_devices"),
+        lambda n: n == len(rows) + 1,
+        what="the gateway's registry cache to refresh",
+    )
 
     unknown_id = f"{slug}-unregistered-01"
     bad: list[tuple[str, str, bytes, str | None]] = []  # reason, topic, payload, device_id in the dead letter
@@ -162,10 +168,18 @@ def test_bad_input_is_set_aside_with_its_reason_and_good_input_around_it_lands(
         ("bad_topic", "sc/v1/manhole_cover/bad.id/telemetry", valid, None),
         ("unknown_type", f"sc/v1/toaster/{slug}-t1/telemetry", valid, f"{slug}-t1"),
         ("unregistered_device", f"sc/v1/manhole_cover/{unknown_id}/telemetry", valid, unknown_id),
-        ("type_mismatch", f"sc/v1/streetlight/{good['device_id']}/telemetry",
-         json.dumps(telemetry(light, seq=1, ts=t0)).encode(), good["device_id"]),
-        ("device_disabled", topic(disabled), json.dumps(telemetry(disabled, seq=1, ts=t0)).encode(),
-         disabled["device_id"]),
+        (
+            "type_mismatch",
+            f"sc/v1/streetlight/{good['device_id']}/telemetry",
+            json.dumps(telemetry(light, seq=1, ts=t0)).encode(),
+            good["device_id"],
+        ),
+        (
+            "device_disabled",
+            topic(disabled),
+            json.dumps(telemetry(disabled, seq=1, ts=t0)).encode(),
+            disabled["device_id"],
+        ),
     ]
     db_rejected = telemetry(light, seq=5, ts=t0 + 5)
     assert "lux" in db_rejected
@@ -182,8 +196,9 @@ def test_bad_input_is_set_aside_with_its_reason_and_good_input_around_it_lands(
     n_good = len(bad) + 2
 
     expected_counts = {reason: 1 for reason in [*(r for r, *_ in bad), "db_rejected"]}
-    wait_for(harness.deadletters.count_by_reason, lambda c: c == expected_counts,
-             what="one dead letter per reason")
+    wait_for(
+        harness.deadletters.count_by_reason, lambda c: c == expected_counts, what="one dead letter per reason"
+    )
     points = harness.wait_points("manhole_cover", good["device_id"], n_good)
     assert sorted(p["seq"] for p in points) == list(range(n_good))
     assert gw.is_running()
@@ -192,7 +207,12 @@ def test_bad_input_is_set_aside_with_its_reason_and_good_input_around_it_lands(
     for reason, t, payload, device_id in bad:
         d = letters[reason]
         assert (d.topic, d.device_id) == (t, device_id), reason
-        assert d.payload == payload[:4096] and d.payload_size == len(payload), reason
+        credential = json.loads(payload).get("credential") if b'"credential"' in payload else None
+        if credential is None:
+            assert d.payload == payload[:4096] and d.payload_size == len(payload), reason
+        else:  # personal data: a dead letter keeps the credential's keyed hash in its place
+            assert credential.encode() not in d.payload, reason
+            assert credential_hash(CREDENTIAL_KEY.encode(), credential).encode() in d.payload, reason
         assert d.detail, reason
     oversize = letters["oversize"]
     assert oversize.payload_size == 16 * 1024 + 1 and len(oversize.payload) == 4096 and oversize.truncated
@@ -202,9 +222,11 @@ def test_bad_input_is_set_aside_with_its_reason_and_good_input_around_it_lands(
     assert "conflict" in refused.detail
     assert harness.points("streetlight", light["device_id"]) == []
 
-    wait_for(lambda: gw.metrics().by_label("sc_rejects_total", "reason"),
-             lambda m: m == {r: float(n) for r, n in expected_counts.items()},
-             what="sc_rejects_total per reason to match the dead letters")
+    wait_for(
+        lambda: gw.metrics().by_label("sc_rejects_total", "reason"),
+        lambda m: m == {r: float(n) for r, n in expected_counts.items()},
+        what="sc_rejects_total per reason to match the dead letters",
+    )
 
     assert cli_main(["deadletters", "counts", "--db", harness.db_url]) == 0
     table = capsys.readouterr().out
@@ -221,8 +243,14 @@ def test_access_credential_is_stored_only_as_its_keyed_hash(harness: Harness) ->
     harness.register([door])
     harness.start_gateway()
     ts = now_ms() - 1000
-    payload = {"ts": ts, "seq": 1, "event": "access_denied", "method": "card", "reason": "unknown_credential",
-               "credential": "card-123456"}
+    payload = {
+        "ts": ts,
+        "seq": 1,
+        "event": "access_denied",
+        "method": "card",
+        "reason": "unknown_credential",
+        "credential": "card-123456",
+    }
     harness.publisher().send(topic(door, "event"), payload)
 
     (point,) = harness.wait_points("access_control_event", door["device_id"], 1)
@@ -239,7 +267,9 @@ def _device_with_last_will(harness: Harness, row: dict[str, Any]) -> mqtt.Client
     No network thread: the test drives paho's loop, so it can later drop the socket under paho's feet.
     """
     client = mqtt.Client(
-        callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=row["device_id"], protocol=mqtt.MQTTv5
+        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+        client_id=row["device_id"],
+        protocol=mqtt.MQTTv5,
     )
     client.will_set(topic(row, "status"), b'{"online": false}', qos=1, retain=True)
     connected: list[bool] = []
@@ -267,18 +297,27 @@ def test_status_and_last_will_update_device_state(harness: Harness) -> None:
         while not info.is_published():
             assert time.monotonic() < deadline, "device: no PUBACK"
             device.loop(0.05)
-        state = wait_for(lambda: harness.states.get(device_id), lambda s: s is not None and s.online is True,
-                         what="the device to be online")
+        state = wait_for(
+            lambda: harness.states.get(device_id),
+            lambda s: s is not None and s.online is True,
+            what="the device to be online",
+        )
         assert state is not None and state.fw == "1.2.3"
-        wait_for(lambda: harness.registry.get(device_id).lifecycle, lambda lc: lc == "online",  # type: ignore[union-attr]
-                 what="the lifecycle to move from registered to online")
+        wait_for(
+            lambda: harness.registry.get(device_id).lifecycle,
+            lambda lc: lc == "online",  # type: ignore[union-attr]
+            what="the lifecycle to move from registered to online",
+        )
 
         # The device loses power: its connection ends without DISCONNECT, the broker sends its will.
         sock = device.socket()
         assert isinstance(sock, socket.socket)
         sock.close()
-        state = wait_for(lambda: harness.states.get(device_id), lambda s: s is not None and s.online is False,
-                         what="the last will to mark the device offline")
+        state = wait_for(
+            lambda: harness.states.get(device_id),
+            lambda s: s is not None and s.online is False,
+            what="the last will to mark the device offline",
+        )
         assert state is not None
         assert state.fw == "1.2.3"
         assert state.last_seen is not None and state.last_status_at is not None
@@ -298,9 +337,11 @@ def test_duplicates_are_stored_once_and_counted(harness: Harness) -> None:
     for _ in range(3):
         pub.send(topic(cover), payload)
 
-    wait_for(lambda: gw.metrics().by_label("sc_messages_total", "outcome"),
-             lambda m: m.get("stored") == 1 and m.get("duplicate") == 2,
-             what="one message stored and two counted as duplicates")
+    wait_for(
+        lambda: gw.metrics().by_label("sc_messages_total", "outcome"),
+        lambda m: m.get("stored") == 1 and m.get("duplicate") == 2,
+        what="one message stored and two counted as duplicates",
+    )
     points = harness.points("manhole_cover", cover["device_id"])
     assert [(p["seq"], p["time"]) for p in points] == [(42, payload["ts"])]
 
@@ -316,5 +357,8 @@ def test_untrusted_device_time_is_replaced_by_the_receive_time(harness: Harness)
     (point,) = harness.wait_points("parking_sensor", bay["device_id"], 1)
     assert before <= point["time"] <= after
     assert point["seq"] == 7
-    wait_for(lambda: gw.metrics().value("sc_ts_untrusted_total"), lambda n: n == 1,
-             what="sc_ts_untrusted_total to count the message")
+    wait_for(
+        lambda: gw.metrics().value("sc_ts_untrusted_total"),
+        lambda n: n == 1,
+        what="sc_ts_untrusted_total to count the message",
+    )

@@ -364,6 +364,8 @@ async def test_a_partly_sent_segment_keeps_only_its_unsent_lines(rig: Rig, clock
     async with draining(rig.store):
         await wait_until(lambda: len(rig.writer.attempts) == 4, "the three drain requests")
         await wait_until(lambda: rig.segment_lines() == [lines[4:]], "the segment to be cut to its rest")
+        # the back-off is set just after the cut: move the clock only once it is
+        await wait_until(lambda: rig.store._next_attempt > clock.now, "the drain to back off")
         assert rig.spool.bytes == body_size(lines[4:])
         assert rig.writer.written == lines[:4]
         clock.advance(3600)
