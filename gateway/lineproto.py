@@ -64,5 +64,8 @@ def to_line(r: Reading) -> str:
         return f"{r.device.device_type},{tags} {','.join(fields)} {r.ts_ms}"
     if r.kind == "event":
         fields.append("count=1i")  # every event line has at least one field
-        return f"{event_measurement(r.device.device_type)},{tags},event={r.event} {','.join(fields)} {r.ts_ms}"
+        # keep tags in key order (InfluxDB's fast path): event sorts between device_type and grid
+        head, sep, grid = tags.partition(",grid=")
+        tags = f"{head},event={r.event}{sep}{grid}"
+        return f"{event_measurement(r.device.device_type)},{tags} {','.join(fields)} {r.ts_ms}"
     return f"{STATUS_MEASUREMENT},{tags} {','.join(fields)} {r.ts_ms}"

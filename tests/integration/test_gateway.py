@@ -251,7 +251,9 @@ def test_access_credential_is_stored_only_as_its_keyed_hash(harness: Harness) ->
         "reason": "unknown_credential",
         "credential": "card-123456",
     }
-    harness.publisher().send(topic(door, "event"), payload)
+    # The same card at a reader whose firmware sends a method the protocol does not know: rejected.
+    rejected = {**payload, "seq": 2, "method": "telepathy"}
+    harness.publisher().send_many([(topic(door, "event"), payload), (topic(door, "event"), rejected)])
 
     (point,) = harness.wait_points("access_control_event", door["device_id"], 1)
     assert point["credential_hash"] == credential_hash(CREDENTIAL_KEY.encode(), "card-123456")
@@ -259,6 +261,10 @@ def test_access_credential_is_stored_only_as_its_keyed_hash(harness: Harness) ->
     assert "credential" not in harness.field_types("access_control_event")
     everything = harness.query('SELECT * FROM "access_control_event"')
     assert all("123456" not in str(v) for row in everything for v in row.values()), everything
+
+    (letter,) = wait_for(harness.deadletters.recent, what="the rejected access event in the dead letters")
+    assert letter.reason == "bad_value"
+    assert b"123456" not in letter.payload and "123456" not in letter.detail, letter
 
 
 def _device_with_last_will(harness: Harness, row: dict[str, Any]) -> mqtt.Client:

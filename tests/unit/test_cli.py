@@ -194,13 +194,13 @@ def test_default_database_is_created_under_dot_var(
 
 
 def test_other_modules_can_add_commands(capsys: pytest.CaptureFixture[str]) -> None:
-    def add_run_commands(sub: cli.SubParsers) -> None:
-        p = cli.add_command(sub, "run", "run the gateway", lambda args: 7 if args.json else 3)
+    def add_probe_commands(sub: cli.SubParsers) -> None:
+        p = cli.add_command(sub, "probe", "a command from another module", lambda args: 7 if args.json else 3)
         p.add_argument("--workers", type=int, default=1)
 
-    commands = [*cli.COMMANDS, add_run_commands]
-    assert cli.main(["run", "--workers", "2"], commands=commands) == 3
-    assert cli.main(["--json", "run"], commands=commands) == 7
+    commands = [*cli.COMMANDS, add_probe_commands]
+    assert cli.main(["probe", "--workers", "2"], commands=commands) == 3
+    assert cli.main(["--json", "probe"], commands=commands) == 7
     parser = cli.build_parser(commands)
     assert isinstance(parser, argparse.ArgumentParser)
     with pytest.raises(SystemExit):

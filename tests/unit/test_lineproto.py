@@ -303,8 +303,8 @@ def test_event_line_has_the_event_tag_and_a_count() -> None:
     r = reading({"tilt_deg": 31.5}, kind="event", event="cover_open", seq=18)
     line = to_line(r)
     assert line == (
-        "manhole_cover_event,community=c-001,device_id=mh-0001,device_type=manhole_cover,grid=g-001,"
-        "event=cover_open tilt_deg=31.5,seq=18i,count=1i 1795239454123"
+        "manhole_cover_event,community=c-001,device_id=mh-0001,device_type=manhole_cover,event=cover_open,"
+        "grid=g-001 tilt_deg=31.5,seq=18i,count=1i 1795239454123"
     )
     measurement, tags, fields, ts = parse(line)
     assert measurement == event_measurement("manhole_cover") == "manhole_cover_event"
@@ -316,8 +316,8 @@ def test_event_line_has_the_event_tag_and_a_count() -> None:
 def test_an_event_without_values_still_has_a_field() -> None:
     r = reading({}, kind="event", event="tamper", device=Device("ac-0001", "access_control"))
     assert to_line(r) == (
-        "access_control_event,community=c-001,device_id=ac-0001,device_type=access_control,grid=g-001,"
-        "event=tamper count=1i 1795239454123"
+        "access_control_event,community=c-001,device_id=ac-0001,device_type=access_control,event=tamper,"
+        "grid=g-001 count=1i 1795239454123"
     )
 
 
