@@ -216,6 +216,13 @@ class Decoder:
                 values["credential_hash"] = credential_hash(self._key, cred)
         return Reading(device, kind, ts_ms, values, seq, event, trusted, raw.received_ms)  # type: ignore[arg-type]
 
+    def forget(self, device_id: str, seq: int) -> None:
+        """Drop a seq from the window: its message was not stored, so its redelivery must be taken again,
+        not discarded as a duplicate. (At worst a later resend is stored twice, at the same time.)"""
+        window = self._seen.get(device_id)
+        if window is not None:
+            window.pop(seq, None)
+
     def _is_duplicate(self, device_id: str, seq: int, ts_ms: int | None) -> bool:
         """Same seq with the same device time seen recently: a QoS 1 redelivery or a device resend.
 

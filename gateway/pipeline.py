@@ -236,6 +236,9 @@ class Pipeline:
             except Exception:
                 # Not stored and not acknowledged: the broker will deliver these again.
                 log.exception("batch_failed", extra={"messages": len(batch)})
+                for r in batch.readings:
+                    if r.seq is not None:
+                        self.decoder.forget(r.device_id, r.seq)
                 metrics.UNACKED.dec(len(batch))
                 await self._drop_connection()
                 continue

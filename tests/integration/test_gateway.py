@@ -112,14 +112,14 @@ def test_every_device_type_lands_with_its_tags_types_and_time(harness: Harness) 
     pub.send_many(messages)
 
     for measurement, row, ts, values, event in sent:
-        points = [p for p in harness.wait_points(measurement, row["device_id"], 1)]
+        points = harness.wait_points(measurement, row["device_id"], 1)
         assert len(points) == 1, points
         _check_point(points[0], row, ts, values)
         if event is not None:
             assert points[0]["event"] == event
     for measurement, types in (telemetry_types | event_types).items():
         assert harness.field_types(measurement) == types, measurement
-    assert set(event_types) == {"streetlight_event", "access_control_event", "smoke_detector_event"}
+    assert set(event_types) == {f"{t}_event" for t, m in THING_MODELS.items() if m.events}
 
 
 def _one_case_per_reason() -> dict[str, InvalidCase]:

@@ -6,6 +6,7 @@ A test that stops a service runs a private one in `service_dir`; the others use 
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 import uuid
@@ -230,6 +231,30 @@ def test_spool_survives_a_gateway_crash_while_influxdb_is_down(
     _assert_exactly_once(harness, {row["device_id"]: list(range(n)) for row in rows})
     wait_for(restarted.metrics, lambda m: m.value("sc_spool_segments") == 0, what="the spool to drain")
     assert "spool_found_at_start" in restarted.log_path.read_text()
+
+
+def test_a_batch_that_could_not_be_made_durable_is_taken_again_when_redelivered(
+    make_harness: Any, mosquitto: MosquittoService, private_influx: InfluxService
+) -> None:
+    """InfluxDB down and the spool's disk failing: the batch is neither stored nor acknowledged, so the
+    broker delivers it again, and then it must be stored, not discarded as a duplicate of itself."""
+    harness: Harness = make_harness(mosquitto, private_influx)
+    rows = _covers(harness, 2)
+    gw = harness.start_gateway(SC_RETRY_MAX_S="1", SC_MQTT_RECONNECT_MAX_S="1")
+    private_influx.stop()
+    spool = harness.workdir / "spool" / "worker-0"
+    shutil.rmtree(spool)
+    spool.write_text("a file where the spool directory was: every append fails")
+
+    stream = Stream(harness.publisher(), rows)
+    stream.publish(0, 5)
+    wait_for(lambda: "batch_failed" in gw.log_path.read_text(), what="the batch to fail")
+
+    spool.unlink()
+    spool.mkdir()
+    private_influx.start()
+    _assert_exactly_once(harness, {row["device_id"]: list(range(5)) for row in rows})
+    assert gw.is_running()
 
 
 def test_gateway_killed_mid_stream_loses_nothing(
