@@ -130,7 +130,7 @@ class Pipeline:
 
     async def run_intake(self) -> None:
         """The documented aiomqtt reconnect loop, with capped exponential back-off and jitter."""
-        delay = 0.5
+        delay = 0.1
         while True:
             try:
                 async with self._client_for() as client:
@@ -143,7 +143,7 @@ class Pipeline:
                     self.connected.set()
                     log.info("broker_connected", extra={"host": self.s.mqtt_host, "port": self.s.mqtt_port,
                                                          "client_id": self.client_id, "generation": self._gen})
-                    delay = 0.5
+                    delay = 0.1
                     await self._consume(client)
             except aiomqtt.MqttError as exc:
                 self._client = None
@@ -156,23 +156,32 @@ class Pipeline:
     async def _consume(self, client: aiomqtt.Client) -> None:
         max_points = self.s.batch_max_points
         decode = self.decoder.decode
-        async for message in client.messages:
-            if self._stopping:
-                # Keep the connection so the acknowledgements of what we hold still go out;
-                # this message is not acknowledged and will be delivered again.
-                await asyncio.Event().wait()
-            payload = message.payload
-            raw = RawMessage(
-                topic=message.topic.value,
-                payload=payload if isinstance(payload, bytes) else str(payload).encode(),
-                received_ms=time.time_ns() // 1_000_000,
-                mid=message.mid,
-                qos=message.qos,
-                retain=message.retain,
-            )
-            self._take(decode(raw), raw)
-            if len(self._batch) >= max_points:
-                await self._flush()
+        messages = client.messages
+        # aiomqtt's iterator costs a task and an event-loop round trip per message; it is used to wait
+        # (it also notices a disconnect), and whatever has queued up meanwhile is taken directly.
+        queue = client._queue
+        while True:
+            message = await messages.__anext__()
+            while True:
+                if self._stopping:
+                    # Keep the connection so the acknowledgements of what we hold still go out;
+                    # this message is not acknowledged and will be delivered again.
+                    await asyncio.Event().wait()
+                payload = message.payload
+                raw = RawMessage(
+                    topic=message.topic.value,
+                    payload=payload if isinstance(payload, bytes) else str(payload).encode(),
+                    received_ms=time.time_ns() // 1_000_000,
+                    mid=message.mid,
+                    qos=message.qos,
+                    retain=message.retain,
+                )
+                self._take(decode(raw), raw)
+                if len(self._batch) >= max_points:
+                    await self._flush()
+                if queue.empty():
+                    break
+                message = queue.get_nowait()
 
     def _take(self, out: Reading | Rejection | Duplicate, raw: RawMessage) -> None:
         batch = self._batch
