@@ -1,4 +1,4 @@
-"""A load publisher that is never the bottleneck: pre-encoded MQTT 3.1.1 QoS 1 PUBLISH packets on a raw socket.
+"""A load publisher that is never the bottleneck: pre-encoded MQTT 3.1.1 QoS 1 PUBLISH packets, raw socket.
 
 Packets are built once (numpy for the values); sending is `sendall` of large slices, with a window of
 unacknowledged packet ids so the broker is never overrun; PUBACKs are read by a thread. Each message's
@@ -8,6 +8,7 @@ can be measured from the stored point.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -34,8 +35,9 @@ def _str(s: bytes) -> bytes:
     return struct.pack("!H", len(s)) + s
 
 
-def connect_packet(client_id: str, keepalive: int = 60, username: str | None = None,
-                   password: str | None = None) -> bytes:
+def connect_packet(
+    client_id: str, keepalive: int = 60, username: str | None = None, password: str | None = None
+) -> bytes:
     flags = 0x02  # clean session
     payload = _str(client_id.encode())
     if username is not None:
@@ -99,8 +101,16 @@ class LoadResult:
 class RawPublisher:
     """One MQTT 3.1.1 connection sending pre-encoded QoS 1 packets, at most `window` unacknowledged."""
 
-    def __init__(self, host: str, port: int, client_id: str, *, window: int = 20000,
-                 username: str | None = None, password: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        *,
+        window: int = 20000,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
         if window >= 65535:
             raise ValueError("window must be below 65535 (packet ids would be reused while in flight)")
         self.sock = socket.create_connection((host, port))
@@ -137,7 +147,7 @@ class RawPublisher:
                 # PUBACK is always 4 bytes in 3.1.1: 0x40 0x02 mid mid
                 n = len(pending) // 4
                 if n:
-                    pending = pending[n * 4:]
+                    pending = pending[n * 4 :]
                     with self._cond:
                         self.acked += n
                         self.last_ack = time.perf_counter()
@@ -145,8 +155,9 @@ class RawPublisher:
         except OSError:
             return
 
-    def publish(self, enc: Encoded, *, rate: float | None = None, chunk: int = 500,
-                patch_ts: bool = True) -> LoadResult:
+    def publish(
+        self, enc: Encoded, *, rate: float | None = None, chunk: int = 500, patch_ts: bool = True
+    ) -> LoadResult:
         """Send every packet of `enc` (at `rate` msg/s if given, else as fast as the window allows)."""
         n = len(enc)
         mv = memoryview(enc.buf)
@@ -166,10 +177,10 @@ class RawPublisher:
                     time.sleep(delay)
             if patch_ts:
                 now = str(int(time.time() * 1000)).encode()
-                for off in enc.ts_offsets[sent:sent + k]:
+                for off in enc.ts_offsets[sent : sent + k]:
                     if off >= 0:
-                        enc.buf[off:off + 13] = now
-            self.sock.sendall(mv[enc.starts[sent]:enc.starts[sent + k]])
+                        enc.buf[off : off + 13] = now
+            self.sock.sendall(mv[enc.starts[sent] : enc.starts[sent + k]])
             sent += k
         last_send = time.perf_counter()
         return LoadResult(sent, self.acked - base_acked, first, last_send, self.last_ack)
@@ -183,8 +194,6 @@ class RawPublisher:
 
     def close(self) -> None:
         self._closed = True
-        try:
+        with contextlib.suppress(OSError):
             self.sock.sendall(b"\xe0\x00")  # DISCONNECT
-        except OSError:
-            pass
         self.sock.close()

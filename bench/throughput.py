@@ -1,4 +1,4 @@
-"""Benchmark: N simulated devices through the real broker into the real InfluxDB, against a do-nothing subscriber.
+"""Benchmark: N simulated devices through the real broker into the real InfluxDB, vs a do-nothing subscriber.
 
 Prints messages sent, landed (verified by an InfluxDB query), lost, sustained throughput, publish->stored
 latency p50/p99, gateway CPU and memory; and, in the same run, the same load through a do-nothing paho
@@ -24,21 +24,27 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.mqttload import Encoded, RawPublisher, encode  # noqa: E402
-from devices import THING_MODELS  # noqa: E402
-from stack.services import free_port, start_influxdb, start_mosquitto  # noqa: E402
+from bench.mqttload import Encoded, RawPublisher, encode
+from devices import THING_MODELS
+from stack.services import free_port, start_influxdb, start_mosquitto
 
 TYPES = ("streetlight", "parking_sensor", "manhole_cover", "access_control", "smoke_detector")
 
 
 def build_messages(n_devices: int, n_messages: int, seed: int) -> tuple[list[dict[str, object]], Encoded]:
-    """Device rows and telemetry messages (round robin over devices), values drawn inside each field's range."""
+    """Device rows and telemetry messages (round robin over devices), values inside each field's range."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n_devices):
         t = TYPES[i % len(TYPES)]
-        rows.append({"device_id": f"b-{t[:2]}-{i:06d}", "device_type": t, "community": f"bench-{i % 20:02d}",
-                     "grid_code": f"110101001{i % 20:03d}{i % 7:03d}"})
+        rows.append(
+            {
+                "device_id": f"b-{t[:2]}-{i:06d}",
+                "device_type": t,
+                "community": f"bench-{i % 20:02d}",
+                "grid_code": f"110101001{i % 20:03d}{i % 7:03d}",
+            }
+        )
     # per type: a value table drawn at once (numpy), then one JSON document per message
     per_type: dict[str, list[tuple[str, np.ndarray]]] = {}
     for t in TYPES:
@@ -120,8 +126,11 @@ def _scrape(ports: list[int]) -> str:
 
 
 def _metric(text: str, name: str, having: str = "") -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith((name + " ", name + "{")) and having in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + " ", name + "{")) and having in line
+    )
 
 
 def _quantile_from_buckets(text: str, name: str, q: float) -> float:
@@ -182,8 +191,9 @@ def _rss_mb(pids: list[int]) -> float:
     return total / 1024
 
 
-def run_gateway(root: Path, mq_port: int, influx, rows, enc: Encoded, workers: int, window: int,
-                rate: float | None) -> dict[str, float]:
+def run_gateway(
+    root: Path, mq_port: int, influx, rows, enc: Encoded, workers: int, window: int, rate: float | None
+) -> dict[str, float]:
     db_url = f"sqlite:///{root / 'registry.db'}"
     from gateway.db import make_engine, migrate
     from gateway.registry import DeviceRecord, Registry
@@ -192,14 +202,34 @@ def run_gateway(root: Path, mq_port: int, influx, rows, enc: Encoded, workers: i
     Registry(make_engine(db_url)).upsert_many([DeviceRecord(**r) for r in rows])
     metrics_port = free_port()
     ports = [metrics_port + i for i in range(workers)]
-    env = dict(os.environ, SC_MQTT_PORT=str(mq_port), SC_INFLUX_URL=influx.url, SC_INFLUX_DB="bench",
-               SC_DATABASE_URL=db_url, SC_SPOOL_DIR=str(root / "spool"), SC_METRICS_PORT=str(metrics_port),
-               SC_WORKERS=str(workers), SC_INSTANCE="bench", SC_LOG_LEVEL="WARNING")
+    env = dict(
+        os.environ,
+        SC_MQTT_PORT=str(mq_port),
+        SC_INFLUX_URL=influx.url,
+        SC_INFLUX_DB="bench",
+        SC_DATABASE_URL=db_url,
+        SC_SPOOL_DIR=str(root / "spool"),
+        SC_METRICS_PORT=str(metrics_port),
+        SC_WORKERS=str(workers),
+        SC_INSTANCE="bench",
+        SC_LOG_LEVEL="WARNING",
+    )
     log = open(root / "gateway.log", "wb")  # noqa: SIM115
     argv = [sys.executable, "-m", "gateway.cli", "run"]
     if os.environ.get("BENCH_PYSPY"):  # profile the gateway: BENCH_PYSPY=out.txt (raw collapsed stacks)
-        argv = [str(Path(sys.executable).parent / "py-spy"), "record", "-r", "250", "--format", "raw",
-                "-o", os.environ["BENCH_PYSPY"], "--subprocesses", "--", *argv]
+        argv = [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "-r",
+            "250",
+            "--format",
+            "raw",
+            "-o",
+            os.environ["BENCH_PYSPY"],
+            "--subprocesses",
+            "--",
+            *argv,
+        ]
     gw = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 60
@@ -247,10 +277,21 @@ def run_gateway(root: Path, mq_port: int, influx, rows, enc: Encoded, workers: i
         series = r["results"][0].get("series")
         if series:
             landed += int(series[0]["values"][0][1])
-    return {"sent": res.sent, "acked": acked, "landed": landed, "lost": acked - landed, "rejected": rejected,
-            "rate": landed / max(elapsed, 1e-9), "publish_rate": res.send_rate, "p50_ms": p50 * 1000,
-            "p99_ms": p99 * 1000, "cpu_s": cpu, "cpu_pct": 100 * cpu / max(elapsed, 1e-9),
-            "peak_rss_mb": peak_rss, "elapsed_s": elapsed}
+    return {
+        "sent": res.sent,
+        "acked": acked,
+        "landed": landed,
+        "lost": acked - landed,
+        "rejected": rejected,
+        "rate": landed / max(elapsed, 1e-9),
+        "publish_rate": res.send_rate,
+        "p50_ms": p50 * 1000,
+        "p99_ms": p99 * 1000,
+        "cpu_s": cpu,
+        "cpu_pct": 100 * cpu / max(elapsed, 1e-9),
+        "peak_rss_mb": peak_rss,
+        "elapsed_s": elapsed,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,29 +314,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print("baseline: do-nothing paho subscriber ...", flush=True)
         base = run_baseline(mq.port, enc, args.window)
-        print(f"  received {base['received']} at {base['rate']:.0f} msg/s "
-              f"(publisher offered {base['publish_rate']:.0f} msg/s)", flush=True)
+        print(
+            f"  received {base['received']} at {base['rate']:.0f} msg/s "
+            f"(publisher offered {base['publish_rate']:.0f} msg/s)",
+            flush=True,
+        )
         print(f"gateway: {args.workers} worker(s) ...", flush=True)
         gw = run_gateway(root, mq.port, influx, rows, enc, args.workers, args.window, args.rate)
     finally:
         mq.stop()
         influx.stop()
     ratio = gw["rate"] / base["rate"]
-    print(f"""
+    print(
+        f"""
 === results ({os.cpu_count()} cores; broker, database, publisher and gateway on one machine; QoS 1) ===
-messages sent              {gw['sent']}
-acknowledged by the broker {gw['acked']}
-landed in InfluxDB (query) {gw['landed']}
-lost                       {gw['lost']}
-rejected                   {int(gw['rejected'])}
-publisher offered          {gw['publish_rate']:.0f} msg/s
-gateway sustained          {gw['rate']:.0f} msg/s  (validated, stored, acknowledged)
-do-nothing subscriber      {base['rate']:.0f} msg/s
+messages sent              {gw["sent"]}
+acknowledged by the broker {gw["acked"]}
+landed in InfluxDB (query) {gw["landed"]}
+lost                       {gw["lost"]}
+rejected                   {int(gw["rejected"])}
+publisher offered          {gw["publish_rate"]:.0f} msg/s
+gateway sustained          {gw["rate"]:.0f} msg/s  (validated, stored, acknowledged)
+do-nothing subscriber      {base["rate"]:.0f} msg/s
 ratio gateway / baseline   {ratio:.2f}
-publish -> stored latency  p50 {gw['p50_ms']:.0f} ms   p99 {gw['p99_ms']:.0f} ms
-gateway CPU                {gw['cpu_pct']:.0f} % of one core ({gw['cpu_s']:.1f} s over {gw['elapsed_s']:.1f} s)
-gateway peak memory        {gw['peak_rss_mb']:.0f} MB (all processes)
-""", flush=True)
+publish -> stored latency  p50 {gw["p50_ms"]:.0f} ms   p99 {gw["p99_ms"]:.0f} ms
+gateway CPU                {gw["cpu_pct"]:.0f} % of one core ({gw["cpu_s"]:.1f} s in {gw["elapsed_s"]:.1f} s)
+gateway peak memory        {gw["peak_rss_mb"]:.0f} MB (all processes)
+""",
+        flush=True,
+    )
     if args.json:
         print(json.dumps({"gateway": gw, "baseline": base, "ratio": ratio}))
     shutil.rmtree(root, ignore_errors=True)

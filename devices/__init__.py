@@ -12,4 +12,12 @@ THING_MODELS: dict[str, ThingModel] = {
 }
 DEVICE_TYPES: tuple[str, ...] = tuple(THING_MODELS)
 
-__all__ = ["DEVICE_ID_RE", "DEVICE_TYPES", "MAX_PAYLOAD_BYTES", "THING_MODELS", "Event", "Field", "ThingModel"]
+__all__ = [
+    "DEVICE_ID_RE",
+    "DEVICE_TYPES",
+    "MAX_PAYLOAD_BYTES",
+    "THING_MODELS",
+    "Event",
+    "Field",
+    "ThingModel",
+]

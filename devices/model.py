@@ -5,12 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Annotated, Any, Literal, Required, Union
-
-from typing_extensions import TypedDict
+from typing import Annotated, Any, Literal, Required, Union, cast
 
 from pydantic import ConfigDict, StringConstraints, TypeAdapter
 from pydantic import Field as PydField
+from typing_extensions import TypedDict
 
 # \Z, not $: $ also matches before a trailing newline, which would let "mh-1\n" through .match().
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
@@ -39,7 +38,7 @@ class Field:
             return bool
         if self.kind is str:
             if self.choices:
-                return Literal[self.choices]  # type: ignore[valid-type]
+                return Literal[self.choices]
             return Annotated[str, StringConstraints(min_length=1, max_length=self.max_length)]
         if self.kind is int:
             return Annotated[int, PydField(ge=self.minimum, le=self.maximum)]
@@ -90,12 +89,10 @@ def _typed_dict(name: str, fields: dict[str, Any], required: set[str]) -> Any:
     """Build a TypedDict (total=False) so that validation returns only the keys that were sent."""
     from typing import NotRequired, Required
 
-    annotations = {
-        k: (Required[v] if k in required else NotRequired[v])  # type: ignore[valid-type]
-        for k, v in fields.items()
-    }
-    td = TypedDict(name, annotations)  # type: ignore[operator]
-    td.__pydantic_config__ = _STRICT  # type: ignore[attr-defined]
+    annotations = {k: (Required[v] if k in required else NotRequired[v]) for k, v in fields.items()}
+    # functional form with a runtime-built name and fields: mypy only accepts literals here
+    td = cast(Any, TypedDict)(name, annotations)
+    td.__pydantic_config__ = _STRICT
     return td
 
 
@@ -143,14 +140,14 @@ class ThingModel:
             fields: dict[str, Any] = {
                 "ts": TS_ANNOTATION,
                 "seq": SEQ_ANNOTATION,
-                "event": Literal[ev.name],  # type: ignore[valid-type]
+                "event": Literal[ev.name],
             }
             fields.update({f.name: f.annotation() for f in ev.fields})
             required = {"event"} | {f.name for f in ev.fields if f.required}
             variants.append(_typed_dict(f"{self.type}_{ev.name}", fields, required))
         if len(variants) == 1:
             return TypeAdapter(variants[0])
-        union = Annotated[Union[tuple(variants)], PydField(discriminator="event")]  # noqa: UP007
+        union: Any = Annotated[Union[tuple(variants)], PydField(discriminator="event")]  # noqa: UP007
         return TypeAdapter(union)
 
 
@@ -160,7 +157,7 @@ class StatusPayload(TypedDict, total=False):
     __pydantic_config__ = _STRICT  # type: ignore[misc]
     online: Required[bool]
     fw: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    ts: TS_ANNOTATION  # type: ignore[valid-type]
+    ts: TS_ANNOTATION
     seq: SEQ_ANNOTATION
 
 

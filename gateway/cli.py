@@ -534,6 +534,7 @@ def _deadletters_prune(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------
 
+
 # The command groups of `sc-gateway`, listed explicitly. Add a module's registrar here.
 def add_run_commands(sub: SubParsers) -> None:
     from gateway.runcmd import add_run_commands as add

@@ -1,4 +1,7 @@
-"""Decode stage: raw MQTT bytes -> Reading, Rejection or Duplicate. Pure: no I/O, the clock is the message's."""
+"""Decode stage: raw MQTT bytes -> Reading, Rejection or Duplicate.
+
+Pure: no I/O, the clock is the message's.
+"""
 
 from __future__ import annotations
 
@@ -143,7 +146,9 @@ class Decoder:
     def _decode(self, raw: RawMessage) -> Outcome:
         parts = raw.topic.split("/")
         if len(parts) != 5 or parts[0] != "sc" or parts[1] != "v1" or parts[4] not in TOPIC_KINDS:
-            return Rejection(raw, Reason.BAD_TOPIC, f"topic {raw.topic!r} is not sc/v1/{{type}}/{{id}}/{{kind}}")
+            return Rejection(
+                raw, Reason.BAD_TOPIC, f"topic {raw.topic!r} is not sc/v1/{{type}}/{{id}}/{{kind}}"
+            )
         _, _, dtype, device_id, kind = parts
         model = THING_MODELS.get(dtype)
         if model is None:
@@ -152,34 +157,50 @@ class Decoder:
             return Rejection(raw, Reason.BAD_TOPIC, f"device id {device_id!r} is not 1-64 of A-Za-z0-9_-")
         if len(raw.payload) > self._max:
             return Rejection(
-                raw, Reason.OVERSIZE, f"payload is {len(raw.payload)} bytes, limit {self._max}", device_id, dtype
+                raw,
+                Reason.OVERSIZE,
+                f"payload is {len(raw.payload)} bytes, limit {self._max}",
+                device_id,
+                dtype,
             )
         device = self._lookup(device_id)
         if device is None:
-            return Rejection(raw, Reason.UNREGISTERED_DEVICE, f"device {device_id!r} is not registered",
-                             device_id, dtype)
+            return Rejection(
+                raw, Reason.UNREGISTERED_DEVICE, f"device {device_id!r} is not registered", device_id, dtype
+            )
         if device.device_type != dtype:
             return Rejection(
-                raw, Reason.TYPE_MISMATCH,
-                f"device {device_id!r} is registered as {device.device_type}, topic says {dtype}", device_id, dtype,
+                raw,
+                Reason.TYPE_MISMATCH,
+                f"device {device_id!r} is registered as {device.device_type}, topic says {dtype}",
+                device_id,
+                dtype,
             )
         if device.lifecycle in INACTIVE_LIFECYCLES:
-            return Rejection(raw, Reason.DEVICE_DISABLED, f"device {device_id!r} is {device.lifecycle}",
-                             device_id, dtype)
+            return Rejection(
+                raw, Reason.DEVICE_DISABLED, f"device {device_id!r} is {device.lifecycle}", device_id, dtype
+            )
         # Checked apart from JSON parsing: the parser reports bytes that are not UTF-8 outside a string
         # (b"\xff\xfe{}") as a plain syntax error.
         try:
             raw.payload.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return Rejection(raw, Reason.NOT_UTF8, f"payload is not UTF-8: {exc.reason} at byte {exc.start}",
-                             device_id, dtype)
+            return Rejection(
+                raw,
+                Reason.NOT_UTF8,
+                f"payload is not UTF-8: {exc.reason} at byte {exc.start}",
+                device_id,
+                dtype,
+            )
 
         try:
             if kind == "telemetry":
                 values: dict[str, Any] = model.telemetry_adapter.validate_json(raw.payload)
             elif kind == "event":
                 if model.event_adapter is None:
-                    return Rejection(raw, Reason.UNKNOWN_EVENT, f"{dtype} declares no events", device_id, dtype)
+                    return Rejection(
+                        raw, Reason.UNKNOWN_EVENT, f"{dtype} declares no events", device_id, dtype
+                    )
                 values = model.event_adapter.validate_json(raw.payload)
             else:
                 values = dict(STATUS_ADAPTER.validate_json(raw.payload))

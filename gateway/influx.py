@@ -68,7 +68,11 @@ class _HttpWriter:
     path = ""
 
     def __init__(
-        self, base_url: str, params: dict[str, str], headers: dict[str, str], timeout_s: float,
+        self,
+        base_url: str,
+        params: dict[str, str],
+        headers: dict[str, str],
+        timeout_s: float,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         # `transport` is for tests (httpx.MockTransport); None is httpx's own connection pool.
@@ -103,8 +107,15 @@ class V1Writer(_HttpWriter):
     path = "/write"
 
     def __init__(
-        self, base_url: str, db: str, *, rp: str | None = None, username: str | None = None,
-        password: str | None = None, timeout_s: float = 10.0, create_db: bool = True,
+        self,
+        base_url: str,
+        db: str,
+        *,
+        rp: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        timeout_s: float = 10.0,
+        create_db: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         params = {"db": db, "precision": "ms"}
@@ -126,7 +137,9 @@ class V1Writer(_HttpWriter):
         try:
             resp = await self._client.post("/query", params=params)
             if resp.status_code >= 300:
-                log.warning("influx_create_db_failed", extra={"status": resp.status_code, "body": resp.text[:200]})
+                log.warning(
+                    "influx_create_db_failed", extra={"status": resp.status_code, "body": resp.text[:200]}
+                )
             else:
                 self._create_db = False
         except httpx.HTTPError as exc:
@@ -145,7 +158,13 @@ class V2Writer(_HttpWriter):
     path = "/api/v2/write"
 
     def __init__(
-        self, base_url: str, org: str, bucket: str, token: str, *, timeout_s: float = 10.0,
+        self,
+        base_url: str,
+        org: str,
+        bucket: str,
+        token: str,
+        *,
+        timeout_s: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         super().__init__(

@@ -15,8 +15,12 @@ def event_measurement(device_type: str) -> str:
 
 
 def _escape_tag(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ").replace(
-        "\n", "\\n"
+    return (
+        value.replace("\\", "\\\\")
+        .replace(",", "\\,")
+        .replace("=", "\\=")
+        .replace(" ", "\\ ")
+        .replace("\n", "\\n")
     )
 
 

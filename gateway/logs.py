@@ -17,7 +17,8 @@ def _extras(record: logging.LogRecord) -> dict[str, object]:
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, object] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": record.getMessage(),
@@ -31,7 +32,9 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
-        line = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:7} {record.name}: {record.getMessage()}"
+        line = (
+            f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:7} {record.name}: {record.getMessage()}"
+        )
         if extras:
             line += " " + extras
         if record.exc_info:

@@ -94,7 +94,10 @@ class Rejection:
 
 @dataclass(frozen=True, slots=True)
 class Duplicate:
-    """A message already taken (QoS 1 redelivery or a device resend with the same seq): counted, not stored."""
+    """A message already taken (QoS 1 redelivery or a device resend with the same seq).
+
+    Counted, not stored.
+    """
 
     raw: RawMessage
     device_id: str

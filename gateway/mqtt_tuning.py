@@ -1,4 +1,4 @@
-"""Two changes to the paho client under aiomqtt that make it fast enough for a gateway, both on its private API.
+"""Changes to the paho client under aiomqtt that make it fast enough for a gateway, on its private API.
 
 1. Buffered reads: paho reads each packet's header a byte at a time, one recv() per byte, and its
    loop_read handles one packet per readable event. We serve its recv() from a 64 KiB buffer and
@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from paho.mqtt import _packet
-from paho.mqtt.client import PUBACK, Client, MQTTErrorCode
-from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.client import PUBACK, Client
+from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -27,10 +27,12 @@ _READ_SIZE = 1 << 16
 
 
 _paho_decode_publish = _packet.decode_publish
-_EMPTY_PUBLISH_PROPERTIES = Properties(PacketTypes.PUBLISH)
+_EMPTY_PUBLISH_PROPERTIES = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho: unannotated
 
 
-def _decode_publish(header: int, packet: bytes | bytearray, protocol: MQTTProtocolVersion) -> Any:
+def _decode_publish(
+    header: int, packet: bytes | bytearray, protocol: MQTTProtocolVersion
+) -> _packet.PublishPacket:
     qos = (header & 0x06) >> 1
     slen = (packet[0] << 8) | packet[1]
     pos = 2 + slen
@@ -43,8 +45,13 @@ def _decode_publish(header: int, packet: bytes | bytearray, protocol: MQTTProtoc
     if packet[pos] != 0:  # has properties: let paho decode them
         return _paho_decode_publish(header, packet, protocol)
     return _packet.PublishPacket(
-        dup=bool(header & 0x08), qos=qos, retain=bool(header & 0x01), topic=bytes(packet[2:2 + slen]),
-        mid=mid, properties=_EMPTY_PUBLISH_PROPERTIES, payload=bytes(packet[pos + 1:]),
+        dup=bool(header & 0x08),
+        qos=qos,
+        retain=bool(header & 0x01),
+        topic=bytes(packet[2 : 2 + slen]),
+        mid=mid,
+        properties=_EMPTY_PUBLISH_PROPERTIES,
+        payload=bytes(packet[pos + 1 :]),
     )
 
 
@@ -56,6 +63,8 @@ def tune(paho: Client) -> None:
     loop_read = paho.loop_read
 
     def buffered_recv(bufsize: int) -> bytes:
+        buf: bytes
+        pos: int
         buf, pos = state["buf"], state["pos"]
         if pos >= len(buf):
             buf = sock_recv(_READ_SIZE)  # raises BlockingIOError when nothing is there

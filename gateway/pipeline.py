@@ -108,7 +108,7 @@ class Pipeline:
     # ---- intake -------------------------------------------------------------------------------------
 
     def _client_for(self) -> aiomqtt.Client:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho: unannotated
         props.SessionExpiryInterval = self.s.mqtt_session_expiry_s
         props.ReceiveMaximum = self.s.mqtt_receive_maximum
         client = aiomqtt.Client(
@@ -141,8 +141,15 @@ class Pipeline:
                         await client.subscribe(f, qos=1)
                     metrics.BROKER_CONNECTED.set(1)
                     self.connected.set()
-                    log.info("broker_connected", extra={"host": self.s.mqtt_host, "port": self.s.mqtt_port,
-                                                         "client_id": self.client_id, "generation": self._gen})
+                    log.info(
+                        "broker_connected",
+                        extra={
+                            "host": self.s.mqtt_host,
+                            "port": self.s.mqtt_port,
+                            "client_id": self.client_id,
+                            "generation": self._gen,
+                        },
+                    )
                     delay = 0.1
                     await self._consume(client)
             except aiomqtt.MqttError as exc:
@@ -199,7 +206,9 @@ class Pipeline:
             batch.rejections.append(out)
             batch.counts[(out.device_type or "unknown", "rejected")] += 1
         else:
-            batch.counts[(raw.topic.split("/")[2] if raw.topic.count("/") >= 2 else "unknown", "duplicate")] += 1
+            batch.counts[
+                (raw.topic.split("/")[2] if raw.topic.count("/") >= 2 else "unknown", "duplicate")
+            ] += 1
 
     def _note_seen(self, r: Reading) -> None:
         dev = r.device
@@ -331,8 +340,12 @@ class Pipeline:
 
     async def run(self) -> None:
         tasks = [
-            self.run_intake(), self.run_ticker(), self.run_writer(), self.store.drain_forever(),
-            self.run_state_flusher(), self.run_registry_refresh(),
+            self.run_intake(),
+            self.run_ticker(),
+            self.run_writer(),
+            self.store.drain_forever(),
+            self.run_state_flusher(),
+            self.run_registry_refresh(),
         ]
         async with asyncio.TaskGroup() as tg:
             for coro in tasks:

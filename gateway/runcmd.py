@@ -40,4 +40,6 @@ def _settings(args: argparse.Namespace) -> int:
 def add_run_commands(sub: SubParsers) -> None:
     p = add_command(sub, "run", "run the gateway (settings from SC_* environment variables)", _run)
     p.add_argument("--workers", type=int, default=0, help="processes sharing the subscription (SC_WORKERS)")
-    add_command(sub, "settings", "list every setting with its environment variable, default and meaning", _settings)
+    add_command(
+        sub, "settings", "list every setting with its environment variable, default and meaning", _settings
+    )

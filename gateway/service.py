@@ -41,22 +41,34 @@ class SqlSinks(Sinks):
         self.states = DeviceStateStore(self.engine)
 
     def dead_letters(self, rejections: Sequence[Rejection]) -> None:
-        self.deadletters.add_many([
-            DeadLetter(
-                received_at=_dt(r.raw.received_ms), topic=r.raw.topic, device_id=r.device_id,
-                device_type=r.device_type, reason=r.reason.value, detail=r.detail, payload=r.raw.payload,
-            )
-            for r in rejections
-        ])
+        self.deadletters.add_many(
+            [
+                DeadLetter(
+                    received_at=_dt(r.raw.received_ms),
+                    topic=r.raw.topic,
+                    device_id=r.device_id,
+                    device_type=r.device_type,
+                    reason=r.reason.value,
+                    detail=r.detail,
+                    payload=r.raw.payload,
+                )
+                for r in rejections
+            ]
+        )
 
     def seen(self, updates: Sequence[SeenUpdate], first_seen: Sequence[str]) -> None:
-        self.states.record_many([
-            StatusUpdate(
-                device_id=u.device_id, online=u.online, seen_at=_dt(u.seen_ms),
-                fw=u.fw, is_status_message=u.status_ms is not None,
-            )
-            for u in updates
-        ])
+        self.states.record_many(
+            [
+                StatusUpdate(
+                    device_id=u.device_id,
+                    online=u.online,
+                    seen_at=_dt(u.seen_ms),
+                    fw=u.fw,
+                    is_status_message=u.status_ms is not None,
+                )
+                for u in updates
+            ]
+        )
         if first_seen:
             self.states.mark_online(list(first_seen))
 
@@ -68,12 +80,21 @@ class SqlSinks(Sinks):
 def make_writer(s: Settings) -> Writer:
     if s.influx_mode == "v2":
         assert s.influx_org and s.influx_bucket and s.influx_token
-        return V2Writer(s.influx_url, s.influx_org, s.influx_bucket, s.influx_token.get_secret_value(),
-                        timeout_s=s.influx_timeout_s)
+        return V2Writer(
+            s.influx_url,
+            s.influx_org,
+            s.influx_bucket,
+            s.influx_token.get_secret_value(),
+            timeout_s=s.influx_timeout_s,
+        )
     return V1Writer(
-        s.influx_url, s.influx_db, rp=s.influx_rp, username=s.influx_username,
+        s.influx_url,
+        s.influx_db,
+        rp=s.influx_rp,
+        username=s.influx_username,
         password=s.influx_password.get_secret_value() if s.influx_password else None,
-        timeout_s=s.influx_timeout_s, create_db=s.influx_create_db,
+        timeout_s=s.influx_timeout_s,
+        create_db=s.influx_create_db,
     )
 
 
@@ -103,12 +124,27 @@ async def run_worker(s: Settings, index: int = 0) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("gateway_started", extra={"worker": index, "client_id": client_id, "devices": len(sinks.cache),
-                                        "influx": s.influx_url, "mode": s.influx_mode})
-    tasks = [asyncio.create_task(c) for c in (
-        pipe.run_intake(), pipe.run_ticker(), pipe.run_writer(), store.drain_forever(),
-        pipe.run_state_flusher(), pipe.run_registry_refresh(),
-    )]
+    log.info(
+        "gateway_started",
+        extra={
+            "worker": index,
+            "client_id": client_id,
+            "devices": len(sinks.cache),
+            "influx": s.influx_url,
+            "mode": s.influx_mode,
+        },
+    )
+    tasks = [
+        asyncio.create_task(c)
+        for c in (
+            pipe.run_intake(),
+            pipe.run_ticker(),
+            pipe.run_writer(),
+            store.drain_forever(),
+            pipe.run_state_flusher(),
+            pipe.run_registry_refresh(),
+        )
+    ]
     await stop.wait()
     log.info("gateway_stopping", extra={"worker": index})
     await pipe.drain_for_shutdown(timeout_s=10)

@@ -19,8 +19,11 @@ class Settings(BaseSettings):
     environment: Literal["development", "test", "production"] = Field(
         "development", description="production refuses development default secrets"
     )
-    instance: str = Field("local", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
-                          description="name of this gateway installation (CloudEvents source, client ids)")
+    instance: str = Field(
+        "local",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="name of this gateway installation (CloudEvents source, client ids)",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_json: bool = Field(False, description="structured JSON log lines instead of text")
 
@@ -30,15 +33,19 @@ class Settings(BaseSettings):
     mqtt_username: str | None = Field(None, description="gateway's broker account")
     mqtt_password: SecretStr | None = Field(None, description="gateway's broker password")
     mqtt_share_group: str = Field(
-        "sc-gateway", pattern=r"^[A-Za-z0-9_-]{0,64}$",
+        "sc-gateway",
+        pattern=r"^[A-Za-z0-9_-]{0,64}$",
         description="shared-subscription group: processes in one group share the load; empty = no sharing",
     )
     mqtt_device_types: str = Field(
-        "+", description="comma-separated device types this process consumes ('+' = all); "
+        "+",
+        description="comma-separated device types this process consumes ('+' = all); "
         "lets an operator give smoke detectors their own consumer",
     )
     mqtt_receive_maximum: int = Field(
-        10000, ge=10, le=65535,
+        10000,
+        ge=10,
+        le=65535,
         description="MQTT 5 receive maximum: unacknowledged QoS 1 messages the broker may push to us; "
         "the broker holds the rest in the persistent session (backpressure instead of loss)",
     )
@@ -47,7 +54,9 @@ class Settings(BaseSettings):
     mqtt_reconnect_max_s: float = Field(30.0, gt=0, description="longest pause between reconnect attempts")
 
     # InfluxDB
-    influx_mode: Literal["v1", "v2"] = Field("v1", description="v1: /write (1.x, and 2.x/3.x v1 compat); v2: /api/v2/write")
+    influx_mode: Literal["v1", "v2"] = Field(
+        "v1", description="v1: /write (1.x, and 2.x/3.x v1 compat); v2: /api/v2/write"
+    )
     influx_url: str = Field("http://127.0.0.1:8086", description="InfluxDB base URL")
     influx_db: str = Field("sc", description="v1 database (created at start-up if missing)")
     influx_rp: str | None = Field(None, description="v1 retention policy (default: the database's default)")
@@ -60,10 +69,18 @@ class Settings(BaseSettings):
     influx_create_db: bool = Field(True, description="v1: CREATE DATABASE at start-up")
 
     # Batching and the spool
-    batch_max_points: int = Field(5000, ge=1, le=100000, description="a write is sent when it holds this many points")
-    batch_max_delay_ms: int = Field(200, ge=1, le=60000, description="... or when its oldest point is this old")
-    spool_dir: Path = Field(Path(".var/spool"), description="durable on-disk spool used while InfluxDB is unreachable")
-    spool_max_bytes: int = Field(1 << 30, ge=1 << 16, description="spool bound; when full, intake pauses (broker queues)")
+    batch_max_points: int = Field(
+        5000, ge=1, le=100000, description="a write is sent when it holds this many points"
+    )
+    batch_max_delay_ms: int = Field(
+        200, ge=1, le=60000, description="... or when its oldest point is this old"
+    )
+    spool_dir: Path = Field(
+        Path(".var/spool"), description="durable on-disk spool used while InfluxDB is unreachable"
+    )
+    spool_max_bytes: int = Field(
+        1 << 30, ge=1 << 16, description="spool bound; when full, intake pauses (broker queues)"
+    )
     retry_max_s: float = Field(30.0, gt=0, description="longest pause between InfluxDB retries")
 
     # Validation
@@ -71,22 +88,32 @@ class Settings(BaseSettings):
     ts_future_tolerance_s: int = Field(300, ge=0, description="device times further ahead are not trusted")
     ts_past_tolerance_s: int = Field(7 * 24 * 3600, ge=0, description="device times older are not trusted")
     credential_hash_key: SecretStr = Field(
-        SecretStr(DEV_CREDENTIAL_KEY), description="HMAC key for access-control credential hashes (keep secret)"
+        SecretStr(DEV_CREDENTIAL_KEY),
+        description="HMAC key for access-control credential hashes (keep secret)",
     )
 
     # Registry / SQL
     database_url: str = Field("sqlite:///.var/registry.db", description="SQLAlchemy URL of the registry")
-    registry_refresh_s: float = Field(2.0, gt=0, description="how often the in-memory registry checks for changes")
+    registry_refresh_s: float = Field(
+        2.0, gt=0, description="how often the in-memory registry checks for changes"
+    )
     state_flush_s: float = Field(2.0, gt=0, description="how often online/last-seen state is written")
-    deadletter_payload_bytes: int = Field(4096, ge=64, le=1 << 20, description="raw payload kept per dead letter")
+    deadletter_payload_bytes: int = Field(
+        4096, ge=64, le=1 << 20, description="raw payload kept per dead letter"
+    )
 
     # Observability
-    metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port (0 = off); worker i uses +i")
+    metrics_port: int = Field(
+        9108, ge=0, le=65535, description="Prometheus /metrics port (0 = off); worker i uses +i"
+    )
     workers: int = Field(1, ge=1, le=64, description="gateway processes sharing the subscription")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        if self.environment == "production" and self.credential_hash_key.get_secret_value() == DEV_CREDENTIAL_KEY:
+        if (
+            self.environment == "production"
+            and self.credential_hash_key.get_secret_value() == DEV_CREDENTIAL_KEY
+        ):
             raise ValueError("SC_CREDENTIAL_HASH_KEY must be set to a secret in production")
         if self.workers > 1 and not self.mqtt_share_group:
             raise ValueError("SC_WORKERS > 1 needs SC_MQTT_SHARE_GROUP: each worker would get every message")

@@ -164,7 +164,10 @@ class Store:
         self._wake.set()
 
     async def _send(self, lines: list[str]) -> tuple[list[str], WriteResult | None]:
-        """Write lines in order. Returns (lines not yet written because of a transient failure, that failure)."""
+        """Write lines in order.
+
+        Returns (lines not yet written because of a transient failure, that failure).
+        """
         pending: list[list[str]] = [lines]
         rejected: Rejected = []
         try:
@@ -201,10 +204,17 @@ class Store:
         self._next_attempt = time.monotonic() + delay
         if self.up or self._failures in (3, 10) or self._failures % 50 == 0:
             level = logging.ERROR if result and result.outcome is Outcome.CONFIG else logging.WARNING
-            log.log(level, "influx_write_failing", extra={
-                "status": result.status if result else None, "detail": result.detail if result else "",
-                "failures": self._failures, "retry_in_s": round(delay, 2), "spool_segments": len(self._spool),
-            })
+            log.log(
+                level,
+                "influx_write_failing",
+                extra={
+                    "status": result.status if result else None,
+                    "detail": result.detail if result else "",
+                    "failures": self._failures,
+                    "retry_in_s": round(delay, 2),
+                    "spool_segments": len(self._spool),
+                },
+            )
         self.up = False
         metrics.INFLUX_UP.set(0)
 
@@ -241,8 +251,9 @@ class Store:
                 errors += 1
                 self._next_attempt = time.monotonic() + min(self._retry_max_s, 0.5 * 2 ** min(errors - 1, 16))
                 if errors in (1, 3, 10) or errors % 50 == 0:
-                    log.exception("spool_drain_failed",
-                                  extra={"errors": errors, "spool_segments": len(self._spool)})
+                    log.exception(
+                        "spool_drain_failed", extra={"errors": errors, "spool_segments": len(self._spool)}
+                    )
                 continue
             errors = 0
             if unsent:

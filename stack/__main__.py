@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 from stack.services import (
     REPO_ROOT,
@@ -90,27 +89,52 @@ def up(args: argparse.Namespace) -> int:
         csv_path = VAR / "community.csv"
         if not args.no_sim:
             print("==> registering a simulated community", flush=True)
-            subprocess.run([py, "-m", "simulators.community", "--seed", str(args.seed), "--out", str(csv_path)],
-                           env=env, check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [py, "-m", "simulators.community", "--seed", str(args.seed), "--out", str(csv_path)],
+                env=env,
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             subprocess.run([*cli, "devices", "import", str(csv_path)], env=env, check=True)
         print("==> starting the gateway", flush=True)
         gw_log = open(VAR / "gateway.log", "ab")  # noqa: SIM115 - lives as long as the process
-        procs.append(subprocess.Popen([*cli, "run"], env=env, stdout=gw_log, stderr=gw_log,
-                                      start_new_session=True))
+        procs.append(
+            subprocess.Popen([*cli, "run"], env=env, stdout=gw_log, stderr=gw_log, start_new_session=True)
+        )
         if not args.no_sim:
             sim_log = open(VAR / "simulator.log", "ab")  # noqa: SIM115
-            procs.append(subprocess.Popen(
-                [py, "-m", "simulators.run", "--host", "127.0.0.1", "--port", str(mq_port),
-                 "--devices-csv", str(csv_path), "--interval", str(args.interval), "--progress", "30"],
-                env=env, stdout=sim_log, stderr=sim_log, start_new_session=True,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        py,
+                        "-m",
+                        "simulators.run",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(mq_port),
+                        "--devices-csv",
+                        str(csv_path),
+                        "--interval",
+                        str(args.interval),
+                        "--progress",
+                        "30",
+                    ],
+                    env=env,
+                    stdout=sim_log,
+                    stderr=sim_log,
+                    start_new_session=True,
+                )
+            )
         influx_cli = f"influx -port {influx_port} -database sc"
-        print(f"""
+        sim_desc = "off" if args.no_sim else f"community of {csv_path} every ~{args.interval}s"
+        print(
+            f"""
 Running (all on 127.0.0.1; data under {VAR}):
-  Mosquitto  mqtt://127.0.0.1:{mq_port}          log {VAR / 'mosquitto'}
+  Mosquitto  mqtt://127.0.0.1:{mq_port}          log {VAR / "mosquitto"}
   InfluxDB   http://127.0.0.1:{influx_port}      database "sc"
-  Gateway    metrics http://127.0.0.1:{metrics_port}/metrics   log {VAR / 'gateway.log'}
-  Simulator  {'off' if args.no_sim else f'community of {csv_path} every ~{args.interval}s'}   log {VAR / 'simulator.log'}
+  Gateway    metrics http://127.0.0.1:{metrics_port}/metrics   log {VAR / "gateway.log"}
+  Simulator  {sim_desc}   log {VAR / "simulator.log"}
 
 Look at it:
   {influx_cli} -execute 'SELECT * FROM streetlight ORDER BY time DESC LIMIT 5'
@@ -118,14 +142,19 @@ Look at it:
   SC_DATABASE_URL={db_url} .venv/bin/sc-gateway deadletters counts
   mosquitto_sub -p {mq_port} -t 'sc/v1/#' -v
 Ctrl-C stops everything.
-""", flush=True)
+""",
+            flush=True,
+        )
         last = time.monotonic()
         while not stopping:
             time.sleep(0.5)
             for p in procs:
                 if p.poll() is not None and not stopping:
-                    print(f"!! {p.args[2] if isinstance(p.args, list) else p.args} exited with {p.returncode}; "
-                          f"see the logs under {VAR}", flush=True)
+                    print(
+                        f"!! {p.args[2] if isinstance(p.args, list) else p.args} exited with {p.returncode}; "
+                        f"see the logs under {VAR}",
+                        flush=True,
+                    )
                     stopping = True
             if time.monotonic() - last >= args.report_s:
                 last = time.monotonic()
@@ -134,8 +163,11 @@ Ctrl-C stops everything.
                     stored = int(_metric(text, "sc_messages_total", 'outcome="stored"'))
                     rejected = int(_metric(text, "sc_rejects_total"))
                     spooled = int(_metric(text, "sc_spool_segments"))
-                    print(f"[{time.strftime('%H:%M:%S')}] messages stored {stored}, set aside {rejected}, "
-                          f"spool segments {spooled}", flush=True)
+                    print(
+                        f"[{time.strftime('%H:%M:%S')}] messages stored {stored}, set aside {rejected}, "
+                        f"spool segments {spooled}",
+                        flush=True,
+                    )
         return 0
     except (StackError, subprocess.CalledProcessError) as exc:
         print(f"!! {exc}", file=sys.stderr)

@@ -7,7 +7,9 @@ DENY_REASONS = ("unknown_credential", "expired", "out_of_schedule", "no_permissi
 
 _method = Field("method", kind=str, choices=METHODS, required=True, description="how access was attempted")
 _credential = Field(
-    "credential", kind=str, max_length=256,
+    "credential",
+    kind=str,
+    max_length=256,
     description="opaque credential id; personal data: stored only as a keyed hash (credential_hash)",
 )
 
@@ -27,7 +29,9 @@ THING = ThingModel(
             "access_denied",
             fields=(
                 _method,
-                Field("reason", kind=str, choices=DENY_REASONS, required=True, description="why it was denied"),
+                Field(
+                    "reason", kind=str, choices=DENY_REASONS, required=True, description="why it was denied"
+                ),
                 _credential,
             ),
             description="access denied",
@@ -35,8 +39,16 @@ THING = ThingModel(
         Event("door_forced_open", description="door opened without a granted access"),
         Event(
             "door_held_open",
-            fields=(Field("open_s", unit="s", minimum=0, maximum=10**7, required=True,
-                          description="seconds open so far"),),
+            fields=(
+                Field(
+                    "open_s",
+                    unit="s",
+                    minimum=0,
+                    maximum=10**7,
+                    required=True,
+                    description="seconds open so far",
+                ),
+            ),
             description="door held open too long",
         ),
         Event("tamper", description="controller tampered with"),

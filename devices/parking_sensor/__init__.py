@@ -18,8 +18,14 @@ THING = ThingModel(
         Field("rssi_dbm", unit="dBm", minimum=-140, maximum=0, description="radio signal strength"),
     ),
     attributes=(
-        Field("bay_kind", kind=str, choices=("normal", "fire_lane", "no_parking", "time_limited"),
-              description="kind of bay, set by the installer"),
-        Field("time_limit_min", unit="min", minimum=0, maximum=100000, description="limit of a time-limited bay"),
+        Field(
+            "bay_kind",
+            kind=str,
+            choices=("normal", "fire_lane", "no_parking", "time_limited"),
+            description="kind of bay, set by the installer",
+        ),
+        Field(
+            "time_limit_min", unit="min", minimum=0, maximum=100000, description="limit of a time-limited bay"
+        ),
     ),
 )

@@ -25,7 +25,5 @@ THING = ThingModel(
         Event("installed", description="put on its base"),
         Event("self_test", description="self test run"),
     ),
-    attributes=(
-        Field("floor", kind=int, minimum=-10, maximum=300, description="floor the detector is on"),
-    ),
+    attributes=(Field("floor", kind=int, minimum=-10, maximum=300, description="floor the detector is on"),),
 )

@@ -7,7 +7,10 @@ THING = ThingModel(
     name_zh="路灯/多功能灯杆",
     name_en="Street lamp / smart pole",
     report_interval_s=600,
-    description="Lamp state, electrical readings, leakage, pole tilt and ambient light of a street lamp or smart pole.",
+    description=(
+        "Lamp state, electrical readings, leakage, pole tilt and ambient light"
+        " of a street lamp or smart pole."
+    ),
     telemetry=(
         Field("lamp_on", kind=bool, description="lamp switched on"),
         Field("dimming_pct", unit="%", minimum=0, maximum=100, description="dimming level"),

@@ -335,7 +335,9 @@ def test_rejected_access_event_keeps_no_raw_credential() -> None:
     dec = Decoder({"ac-1": dev}.get, credential_key=b"k")
     for payload in (
         b'{"event":"access_denied","method":"telepathy","credential":"card-123456"}',
-        b'{"event":"access_denied","method":"card","reason":"expired","credential":"card-123456' + b"9" * 300 + b'"}',
+        b'{"event":"access_denied","method":"card","reason":"expired","credential":"card-123456'
+        + b"9" * 300
+        + b'"}',
     ):
         out = dec.decode(RawMessage("sc/v1/access_control/ac-1/event", payload, 0))
         assert isinstance(out, Rejection)
