@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_CREDENTIAL_KEY = "dev-only-credential-key-change-me"
@@ -107,6 +107,17 @@ class Settings(BaseSettings):
         9108, ge=0, le=65535, description="Prometheus /metrics port (0 = off); worker i uses +i"
     )
     workers: int = Field(1, ge=1, le=64, description="gateway processes sharing the subscription")
+
+    @field_validator("mqtt_device_types")
+    @classmethod
+    def _known_types(cls, value: str) -> str:
+        from devices import DEVICE_TYPES
+
+        types = [t.strip() for t in value.split(",") if t.strip()]
+        unknown = [t for t in types if t != "+" and t not in DEVICE_TYPES]
+        if unknown:
+            raise ValueError(f"unknown device type(s) {', '.join(unknown)}; known: +, {', '.join(DEVICE_TYPES)}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
