@@ -116,7 +116,8 @@ class Settings(BaseSettings):
         types = [t.strip() for t in value.split(",") if t.strip()]
         unknown = [t for t in types if t != "+" and t not in DEVICE_TYPES]
         if unknown:
-            raise ValueError(f"unknown device type(s) {', '.join(unknown)}; known: +, {', '.join(DEVICE_TYPES)}")
+            known = ", ".join(DEVICE_TYPES)
+            raise ValueError(f"unknown device type(s) {', '.join(unknown)}; known: +, {known}")
         return value
 
     @model_validator(mode="after")
