@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.mqttload import Encoded, RawPublisher, encode
 from devices import THING_MODELS
-from stack.services import free_port, start_influxdb, start_mosquitto
+from stack.services import InfluxService, free_port, start_influxdb, start_mosquitto
 
 TYPES = ("streetlight", "parking_sensor", "manhole_cover", "access_control", "smoke_detector")
 
@@ -192,7 +192,15 @@ def _rss_mb(pids: list[int]) -> float:
 
 
 def run_gateway(
-    root: Path, mq_port: int, influx, rows, enc: Encoded, workers: int, window: int, rate: float | None
+    root: Path,
+    mq_port: int,
+    mq_pid: int,
+    influx: InfluxService,
+    rows: list[dict[str, object]],
+    enc: Encoded,
+    workers: int,
+    window: int,
+    rate: float | None,
 ) -> dict[str, float]:
     db_url = f"sqlite:///{root / 'registry.db'}"
     from gateway.db import make_engine, migrate
@@ -239,6 +247,11 @@ def run_gateway(
             time.sleep(0.2)
         pids = _proc_tree(gw.pid)
         cpu0 = _cpu_s(pids)
+        others0 = {
+            "broker": _cpu_s([mq_pid]),
+            "influxdb": _cpu_s(_proc_tree(influx.pid)),
+            "publisher": _cpu_s([os.getpid()]),
+        }
         pub = RawPublisher("127.0.0.1", mq_port, "bench-pub-gateway", window=window)
         t_first = time.perf_counter()
         res = pub.publish(enc, rate=rate, patch_ts=True)
@@ -256,6 +269,11 @@ def run_gateway(
                 break
             time.sleep(0.05)
         cpu = _cpu_s(_proc_tree(gw.pid)) - cpu0
+        others = {
+            "broker": _cpu_s([mq_pid]) - others0["broker"],
+            "influxdb": _cpu_s(_proc_tree(influx.pid)) - others0["influxdb"],
+            "publisher": _cpu_s([os.getpid()]) - others0["publisher"],
+        }
         elapsed = t_done - t_first
         text = _scrape(ports)
         p50 = _quantile_from_buckets(text, "sc_stored_latency_seconds", 0.5)
@@ -290,6 +308,7 @@ def run_gateway(
         "cpu_s": cpu,
         "cpu_pct": 100 * cpu / max(elapsed, 1e-9),
         "peak_rss_mb": peak_rss,
+        **{f"{k}_cpu_pct": 100 * v / max(elapsed, 1e-9) for k, v in others.items()},
         "elapsed_s": elapsed,
     }
 
@@ -308,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="sc-bench-", dir="/tmp"))
     os.chmod(root, 0o711)
     print(f"building {args.messages} messages for {args.devices} devices ...", flush=True)
+    if args.devices < 500:
+        ap.error("--devices must be at least 500 (one publish chunk), so no device repeats within a chunk")
     rows, enc = build_messages(args.devices, args.messages, args.seed)
     mq = start_mosquitto(root / "mosquitto")
     influx = start_influxdb(root / "influxdb")
@@ -320,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         print(f"gateway: {args.workers} worker(s) ...", flush=True)
-        gw = run_gateway(root, mq.port, influx, rows, enc, args.workers, args.window, args.rate)
+        gw = run_gateway(root, mq.port, mq.pid, influx, rows, enc, args.workers, args.window, args.rate)
     finally:
         mq.stop()
         influx.stop()
@@ -340,6 +361,8 @@ ratio gateway / baseline   {ratio:.2f}
 publish -> stored latency  p50 {gw["p50_ms"]:.0f} ms   p99 {gw["p99_ms"]:.0f} ms
 gateway CPU                {gw["cpu_pct"]:.0f} % of one core ({gw["cpu_s"]:.1f} s in {gw["elapsed_s"]:.1f} s)
 gateway peak memory        {gw["peak_rss_mb"]:.0f} MB (all processes)
+others' CPU (same period)  broker {gw["broker_cpu_pct"]:.0f} %, InfluxDB {gw["influxdb_cpu_pct"]:.0f} %, \
+publisher {gw["publisher_cpu_pct"]:.0f} %
 """,
         flush=True,
     )
