@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         mq.stop()
         influx.stop()
     ratio = gw["rate"] / base["rate"]
+    ratio_text = f"{ratio:.2f}" if not args.rate else f"n/a (offered rate capped at {args.rate:.0f} msg/s)"
     print(
         f"""
 === results ({os.cpu_count()} cores; broker, database, publisher and gateway on one machine; QoS 1) ===
@@ -357,7 +358,7 @@ rejected                   {int(gw["rejected"])}
 publisher offered          {gw["publish_rate"]:.0f} msg/s
 gateway sustained          {gw["rate"]:.0f} msg/s  (validated, stored, acknowledged)
 do-nothing subscriber      {base["rate"]:.0f} msg/s
-ratio gateway / baseline   {ratio:.2f}
+ratio gateway / baseline   {ratio_text}
 publish -> stored latency  p50 {gw["p50_ms"]:.0f} ms   p99 {gw["p99_ms"]:.0f} ms
 gateway CPU                {gw["cpu_pct"]:.0f} % of one core ({gw["cpu_s"]:.1f} s in {gw["elapsed_s"]:.1f} s)
 gateway peak memory        {gw["peak_rss_mb"]:.0f} MB (all processes)
