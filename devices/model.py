@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -43,6 +44,37 @@ class Field:
         if self.kind is int:
             return Annotated[int, PydField(ge=self.minimum, le=self.maximum)]
         return Annotated[float, PydField(ge=self.minimum, le=self.maximum, allow_inf_nan=False)]
+
+    def coerce(self, value: Any) -> Any:
+        """An installer's value (often spreadsheet text) as this field's kind, checked; ValueError if not."""
+        text = value.strip() if isinstance(value, str) else value
+        if self.kind is bool:
+            if isinstance(text, bool):
+                return text
+            truth = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+            if isinstance(text, str) and text.lower() in truth:
+                return truth[text.lower()]
+            raise ValueError(f"{self.name} must be true or false (got {value!r})")
+        if self.kind is str:
+            text = str(text)
+            if self.choices and text not in self.choices:
+                raise ValueError(f"{self.name} must be one of {', '.join(self.choices)} (got {value!r})")
+            if not text or len(text) > self.max_length:
+                raise ValueError(f"{self.name} must be 1 to {self.max_length} characters")
+            return text
+        try:
+            number: float | int = int(text) if self.kind is int else float(text)
+        except (TypeError, ValueError):
+            raise ValueError(f"{self.name} must be a number (got {value!r})") from None
+        if self.kind is float and not math.isfinite(number):
+            raise ValueError(f"{self.name} must be a finite number (got {value!r})")
+        if (self.minimum is not None and number < self.minimum) or (
+            self.maximum is not None and number > self.maximum
+        ):
+            raise ValueError(
+                f"{self.name} must be within {self.range_text} {self.unit}".rstrip() + f" (got {value!r})"
+            )
+        return number
 
     @property
     def range_text(self) -> str:

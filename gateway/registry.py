@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import IO, Any, Final, Literal, TypeAlias, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from sqlalchemy import Connection, Engine, RowMapping, bindparam, func, insert, select, update
 
+from devices import THING_MODELS
 from gateway.db import LIFECYCLES, devices, registry_version, write_transaction
 
 DeviceType: TypeAlias = Literal[
@@ -156,14 +157,36 @@ class DeviceRecord(BaseModel):
 
     @field_validator("attributes")
     @classmethod
-    def _check_attribute_names(cls, value: dict[str, AttributeValue]) -> dict[str, AttributeValue]:
+    def _check_attributes(
+        cls, value: dict[str, AttributeValue], info: ValidationInfo
+    ) -> dict[str, AttributeValue]:
+        """Attributes are the ones the type's thing model declares, in their declared kind and range."""
         bad = [name for name in value if not _ATTRIBUTE_NAME_RE.fullmatch(name)]
         if bad:
             raise ValueError(
                 f"invalid attribute name(s) {', '.join(map(repr, bad))}: "
                 "use a letter or _ then up to 63 of A-Z a-z 0-9 _ . -"
             )
-        return value
+        model = THING_MODELS.get(str(info.data.get("device_type", "")))
+        if model is None:
+            return value  # the device_type error is reported on its own
+        declared = {f.name: f for f in model.attributes}
+        typed: dict[str, AttributeValue] = {}
+        errors: list[str] = []
+        for name, raw in value.items():
+            if raw is None or (isinstance(raw, str) and not raw.strip()):
+                continue
+            f = declared.get(name)
+            if f is None:
+                errors.append(f"unknown attribute {name!r} for {model.type} (known: {', '.join(declared)})")
+                continue
+            try:
+                typed[name] = f.coerce(raw)
+            except ValueError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise ValueError("; ".join(errors))
+        return typed
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -41,18 +41,18 @@ def test_add_then_show_and_list_json(db: str, capsys: pytest.CaptureFixture[str]
         capsys,
         "devices", "add", "--db", db, "--id", "mh-0001", "--type", "manhole_cover",
         "--community", "东华门社区", "--grid-code", "110101001001001",
-        "--component-code", "3205080101000001", "--lat", "39.91", "--attr", "owner=water",
+        "--component-code", "3205080101000001", "--lat", "39.91", "--attr", "owner_class=0101",
     )  # fmt: skip
     assert code == 0 and "registered manhole_cover mh-0001" in out
 
     code, out, _ = run(capsys, "devices", "show", "mh-0001", "--db", db)
-    assert code == 0 and "3205080101000001" in out and "attr.owner" in out and "never seen" in out
+    assert code == 0 and "3205080101000001" in out and "attr.owner_class" in out and "never seen" in out
 
     code, out, _ = run(capsys, "--json", "--db", db, "devices", "list")
     assert code == 0
     devices = json.loads(out)
     assert [d["device_id"] for d in devices] == ["mh-0001"]
-    assert devices[0]["attributes"] == {"owner": "water"} and devices[0]["lifecycle"] == "registered"
+    assert devices[0]["attributes"] == {"owner_class": "0101"} and devices[0]["lifecycle"] == "registered"
 
 
 def test_add_rejects_duplicates_and_bad_values(db: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -57,10 +57,11 @@ def test_full_record_is_valid() -> None:
         lon=116.40,
         responsible_unit="自来水公司",
         component_code="3205080101000001",
-        attributes={"owner": "water", "depth_cm": 180, "sealed": True},
+        attributes={"owner_class": "0101", "depth_cm": 180, "tilt_baseline_deg": "1.5"},
     )
     assert record.component_code == "3205080101000001"
     assert record.attributes["depth_cm"] == 180
+    assert record.attributes["tilt_baseline_deg"] == 1.5  # spreadsheet text becomes the declared kind
 
 
 def test_fourteen_digit_grid_code_is_accepted() -> None:
@@ -107,6 +108,9 @@ def test_text_is_stripped_and_blank_optional_fields_are_none() -> None:
         ({"lon": -180.5}, "lon: Input should be greater than or equal to -180"),
         ({"lat": "north"}, "lat: Input should be a valid number"),
         ({"attributes": {"bay kind": "x"}}, "attributes: invalid attribute name(s) 'bay kind'"),
+        ({"attributes": {"bay_kind": "x"}}, "attributes: unknown attribute 'bay_kind' for manhole_cover"),
+        ({"attributes": {"depth_cm": "deep"}}, "attributes: depth_cm must be a number (got 'deep')"),
+        ({"attributes": {"tilt_baseline_deg": 200}}, "tilt_baseline_deg must be within 0 – 180 °"),
         ({"colour": "red"}, "colour: unknown field"),
     ],
 )
@@ -157,7 +161,7 @@ def test_import_report_counts() -> None:
 # CSV
 
 HEADER = (
-    "device_id,device_type,community,grid_code,building,lat,lon,component_code,attr.bay_kind,attr.limit_min\n"
+    "device_id,device_type,community,grid_code,building,lat,lon,component_code,attr.bay_kind,attr.time_limit_min\n"
 )
 
 
@@ -174,7 +178,7 @@ def test_csv_rows_become_records_with_spreadsheet_row_numbers() -> None:
     assert parsed.errors == ()
     (row1, first), (row2, second) = parsed.records
     assert (row1, row2) == (2, 3)
-    assert first.attributes == {"bay_kind": "time_limited", "limit_min": "120"}
+    assert first.attributes == {"bay_kind": "time_limited", "time_limit_min": 120.0}
     assert first.lat == pytest.approx(39.9)
     assert second.attributes == {} and second.building is None
 
