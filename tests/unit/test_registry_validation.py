@@ -160,7 +160,10 @@ def test_import_report_counts() -> None:
 # ---------------------------------------------------------------------------------------------
 # CSV
 
-HEADER = "device_id,device_type,community,grid_code,building,lat,lon,component_code,attr.bay_kind,attr.time_limit_min\n"
+HEADER = (
+    "device_id,device_type,community,grid_code,building,lat,lon,component_code,"
+    "attr.bay_kind,attr.time_limit_min\n"
+)
 
 
 def parse(text: str) -> Any:
