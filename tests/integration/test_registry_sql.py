@@ -138,7 +138,7 @@ def test_add_and_get(registry: Registry) -> None:
             responsible_unit="自来水公司",
             component_code="3205080101000001",
             lat=39.91,
-            attributes={"owner": "water", "depth_cm": 180},
+            attributes={"owner_class": "0101", "depth_cm": 180},
         )
     )
     info = registry.get("mh-0001")
@@ -156,7 +156,7 @@ def test_add_and_get(registry: Registry) -> None:
         "自来水公司",
     )
     assert info.component_code == "3205080101000001"
-    assert dict(info.attributes) == {"owner": "water", "depth_cm": 180}
+    assert dict(info.attributes) == {"owner_class": "0101", "depth_cm": 180.0}
     assert registry.get("nope") is None
 
     device = registry.describe("mh-0001")
@@ -597,7 +597,7 @@ def test_import_100k_devices_and_load_them_all_into_the_cache(tmp_path: Path) ->
                     f"B{i % 50}",
                     39.9 + i * 1e-6,
                     116.4,
-                    "normal" if i % 2 else "",
+                    "normal" if DEVICE_TYPES[i % 5] == "parking_sensor" and i % 2 else "",
                     "东城区",
                     f"街道-{i % 15}",
                     "物业",
