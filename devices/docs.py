@@ -166,6 +166,13 @@ def render_readme(model: ThingModel) -> str:
         "",
         f"Telemetry every {_duration(model.report_interval_s)} ({model.report_interval_s} s), and on change.",
         "",
+        "## Commissioning",
+        "",
+        "A newly registered device is *registered*, becomes *online* with its first valid message, and is",
+        "*in service* once it has reported "
+        + (", ".join(f"`{f}`" for f in model.commissioning_fields) or "any telemetry")
+        + " (or an installer confirms it). Incidents of a device not yet in service are commissioning noise.",
+        "",
         "## Telemetry",
         "",
         *telemetry_table(model),

@@ -141,6 +141,8 @@ class ThingModel:
     description: str = ""
     #: extra registry attributes a device of this type carries (documented, used by rules later)
     attributes: tuple[Field, ...] = field(default=())
+    #: telemetry fields a new device must have reported before it counts as in service (commissioning)
+    commissioning_fields: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.telemetry]
@@ -148,6 +150,9 @@ class ThingModel:
             raise ValueError(f"{self.type}: duplicate telemetry field")
         if {"ts", "seq", "event"} & set(names):
             raise ValueError(f"{self.type}: telemetry may not redefine ts/seq/event")
+        unknown = set(self.commissioning_fields) - set(names)
+        if unknown:
+            raise ValueError(f"{self.type}: commissioning fields {sorted(unknown)} are not telemetry fields")
 
     @cached_property
     def fields_by_name(self) -> dict[str, Field]:

@@ -19,6 +19,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     Connection,
+    Date,
     Dialect,
     Engine,
     Float,
@@ -123,6 +124,10 @@ devices = Table(
     Column("component_code", String(COMPONENT_CODE_LEN)),
     Column("attributes", JSONDocument, nullable=False, default=dict),
     Column("lifecycle", String(16), nullable=False, default="registered", server_default="registered"),
+    Column("install_date", Date),
+    Column("firmware", String(64)),
+    Column("batch", String(64)),
+    Column("in_service_at", UTCDateTime),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     # The registry_version value of the transaction that last changed this row.
@@ -132,6 +137,7 @@ devices = Table(
     Index(None, "community"),
     Index(None, "grid_code"),
     Index(None, "version"),
+    Index(None, "batch"),
 )
 
 # One row, bumped in the same transaction as any change to `devices`: readers poll it to learn
@@ -155,6 +161,9 @@ device_state = Table(
     Column("last_status_at", UTCDateTime),
     Column("fw", String(64)),
     Column("last_seq", BigInteger),
+    Column("last_topic", String(TOPIC_LEN)),
+    Column("last_payload", LargeBinary),
+    Column("seen_fields", JSONDocument),
 )
 
 dead_letters = Table(
@@ -340,3 +349,51 @@ def _alembic_config() -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     return cfg
+
+
+PLACE_LEVELS: Final = ("district", "street", "community", "grid")
+
+# The place hierarchy (district → street → community → grid), each level by its code:
+# district 6 digits (GB/T 2260), street 9, community 12, grid 15 (or a 14-digit legacy code).
+places = Table(
+    "places",
+    metadata,
+    Column("code", String(GRID_CODE_LEN), primary_key=True),
+    Column("level", String(16), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("parent_code", String(GRID_CODE_LEN)),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    CheckConstraint("level IN ({})".format(", ".join(f"'{x}'" for x in PLACE_LEVELS)), name="level"),
+    Index(None, "parent_code"),
+    Index(None, "level"),
+)
+
+# Units that act on devices (权属/养护单位): referenced by devices.responsible_unit (name) for now.
+responsible_units = Table(
+    "responsible_units",
+    metadata,
+    Column("unit_id", String(64), primary_key=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("kind", String(32)),
+    Column("contact", String(256)),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+API_ROLES: Final = ("admin", "installer", "manager", "viewer", "incident_system")
+
+# Machine and person credentials for the API. The secret is kept only as a SHA-256 hash; key_id is
+# the public prefix of the key, so a key can be listed and revoked without knowing its secret.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("key_id", String(32), primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("secret_hash", String(64), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("scope", JSONDocument, nullable=False, default=dict),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("last_used_at", UTCDateTime),
+    Column("revoked_at", UTCDateTime),
+    CheckConstraint("role IN ({})".format(", ".join(f"'{x}'" for x in API_ROLES)), name="role"),
+)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -23,6 +23,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
@@ -269,6 +270,8 @@ class StatusUpdate:
     fw: str | None
     is_status_message: bool
     seq: int | None = None
+    last_topic: str | None = None
+    last_payload: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +282,9 @@ class DeviceState:
     last_status_at: dt.datetime | None
     fw: str | None
     last_seq: int | None
+    last_topic: str | None = None
+    last_payload: bytes | None = None
+    seen_fields: list[str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -288,6 +294,11 @@ class DeviceState:
             "last_status_at": None if self.last_status_at is None else self.last_status_at.isoformat(),
             "fw": self.fw,
             "last_seq": self.last_seq,
+            "last_topic": self.last_topic,
+            "last_payload": None
+            if self.last_payload is None
+            else self.last_payload.decode("utf-8", "replace"),
+            "seen_fields": self.seen_fields,
         }
 
 
@@ -316,9 +327,13 @@ def _merge(updates: Iterable[StatusUpdate]) -> list[dict[str, Any]]:
                 "fw_at": None,
                 "last_seq": None,
                 "seq_at": None,
+                "last_topic": u.last_topic,
+                "last_payload": u.last_payload,
             }
         elif u.seen_at > m["last_seen"]:
             m["last_seen"] = u.seen_at
+            if u.last_topic is not None:
+                m["last_topic"], m["last_payload"] = u.last_topic, u.last_payload
         if u.online is not None and (m["online_at"] is None or u.seen_at >= m["online_at"]):
             m["online"], m["online_at"] = u.online, u.seen_at
         if u.is_status_message and (m["last_status_at"] is None or u.seen_at > m["last_status_at"]):
@@ -356,6 +371,7 @@ class DeviceStateStore:
         online_at = bindparam("online_at", type_=UTCDateTime())
         fw_at = bindparam("fw_at", type_=UTCDateTime())
         seq_at = bindparam("seq_at", type_=UTCDateTime())
+        last_is_newer = and_(new.last_topic.is_not(None), _newer(new.last_seen, ds.c.last_seen))
         return stmt.on_conflict_do_update(
             index_elements=[ds.c.device_id],
             set_={
@@ -382,8 +398,39 @@ class DeviceStateStore:
                     (and_(new.last_seq.is_not(None), _newer(seq_at, ds.c.last_seen)), new.last_seq),
                     else_=ds.c.last_seq,
                 ),
+                # what the device sent last, for the installer: newest wins (SET sees the old row)
+                "last_topic": case((last_is_newer, new.last_topic), else_=ds.c.last_topic),
+                "last_payload": case((last_is_newer, new.last_payload), else_=ds.c.last_payload),
             },
         )
+
+    def add_seen_fields(self, fields: Mapping[str, Iterable[str]]) -> dict[str, frozenset[str]]:
+        """Union newly seen telemetry field names into each device's record; returns the new sets.
+
+        Called only for devices still being commissioned, so it stays off the steady-state path.
+        """
+        if not fields:
+            return {}
+        ids = sorted(fields)
+        out: dict[str, frozenset[str]] = {}
+        with self._engine.begin() as conn:
+            query = select(device_state.c.device_id, device_state.c.seen_fields).where(
+                device_state.c.device_id.in_(ids)
+            )
+            stored = {row[0]: row[1] for row in conn.execute(query)}
+            for device_id in ids:
+                if device_id not in stored:
+                    continue  # no liveness row yet: record_many writes it first
+                before = frozenset(stored[device_id] or ())
+                after = before | frozenset(fields[device_id])
+                out[device_id] = after
+                if after != before:
+                    conn.execute(
+                        update(device_state)
+                        .where(device_state.c.device_id == device_id)
+                        .values(seen_fields=sorted(after))
+                    )
+        return out
 
     def record_many(self, updates: Sequence[StatusUpdate]) -> int:
         """Upsert liveness for a batch; returns the number of devices written.

@@ -30,6 +30,8 @@ from gateway.store import Rejected, Store
 
 log = logging.getLogger("gateway.pipeline")
 
+COMMISSIONING = frozenset({"registered", "online"})
+
 
 @dataclass(slots=True)
 class SeenUpdate:
@@ -41,6 +43,10 @@ class SeenUpdate:
     fw: str | None = None
     status_ms: int | None = None
     seq: int | None = None
+    topic: str | None = None
+    payload: bytes | None = None
+    #: telemetry fields seen, tracked only while the device is being commissioned
+    fields: set[str] | None = None
 
 
 @dataclass
@@ -201,7 +207,7 @@ class Pipeline:
                 batch.lines.append(to_line(out))
                 batch.readings.append(out)
             batch.counts[(dtype, "stored")] += 1
-            self._note_seen(out)
+            self._note_seen(out, raw)
         elif isinstance(out, Rejection):
             batch.rejections.append(out)
             batch.counts[(out.device_type or "unknown", "rejected")] += 1
@@ -210,7 +216,7 @@ class Pipeline:
                 (raw.topic.split("/")[2] if raw.topic.count("/") >= 2 else "unknown", "duplicate")
             ] += 1
 
-    def _note_seen(self, r: Reading) -> None:
+    def _note_seen(self, r: Reading, raw: RawMessage) -> None:
         dev = r.device
         upd = self._seen.get(dev.device_id)
         if upd is None:
@@ -218,6 +224,11 @@ class Pipeline:
             if dev.lifecycle == "registered":
                 self._first_seen.add(dev.device_id)
         upd.seen_ms = max(upd.seen_ms, r.received_ms)
+        upd.topic, upd.payload = raw.topic, raw.payload
+        if r.kind == "telemetry" and dev.lifecycle in COMMISSIONING:
+            if upd.fields is None:
+                upd.fields = set()
+            upd.fields.update(r.values)
         if r.seq is not None:
             upd.seq = r.seq
         if r.kind == "status":

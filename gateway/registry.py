@@ -718,6 +718,32 @@ class Registry:
             _store_version(conn, version)
             return moved
 
+    def mark_in_service(self, device_ids: Iterable[str], *, by: str = "gateway") -> builtins.list[str]:
+        """Move devices that are `registered` or `online` to `in_service` (commissioned).
+
+        The gateway calls it once a device has reported its type's commissioning fields; an installer
+        calls it to confirm a device by hand. Returns the ids actually moved.
+        """
+        ids = sorted(set(device_ids))
+        if not ids:
+            return []
+        with write_transaction(self._engine) as conn:
+            pending = select(devices.c.device_id).where(
+                devices.c.device_id.in_(ids), devices.c.lifecycle.in_(("registered", "online"))
+            )
+            moved = sorted(conn.execute(pending).scalars())
+            if not moved:
+                return []
+            version = _lock_version(conn) + 1
+            now = self._clock()
+            conn.execute(
+                update(devices)
+                .where(devices.c.device_id.in_(moved), devices.c.lifecycle.in_(("registered", "online")))
+                .values(lifecycle="in_service", in_service_at=now, updated_at=now, version=version)
+            )
+            _store_version(conn, version)
+            return moved
+
     def current_version(self) -> int:
         with self._engine.connect() as conn:
             return int(

@@ -14,13 +14,14 @@ from datetime import UTC, datetime
 
 from prometheus_client import start_http_server
 
+from devices import THING_MODELS
 from gateway import logs, metrics
 from gateway.db import make_engine, migrate
 from gateway.deadletter import DeadLetter, DeadLetterStore, DeviceStateStore, StatusUpdate
 from gateway.influx import V1Writer, V2Writer, Writer
 from gateway.messages import Reason, Rejection
 from gateway.pipeline import Pipeline, SeenUpdate, Sinks, db_rejections
-from gateway.registry import RegistryCache
+from gateway.registry import Registry, RegistryCache
 from gateway.settings import Settings
 from gateway.store import Rejected, Spool, Store
 
@@ -39,6 +40,7 @@ class SqlSinks(Sinks):
         self.cache = RegistryCache(self.engine)
         self.deadletters = DeadLetterStore(self.engine, max_payload_bytes=settings.deadletter_payload_bytes)
         self.states = DeviceStateStore(self.engine)
+        self.registry = Registry(self.engine)
 
     def dead_letters(self, rejections: Sequence[Rejection]) -> None:
         self.deadletters.add_many(
@@ -65,12 +67,31 @@ class SqlSinks(Sinks):
                     seen_at=_dt(u.seen_ms),
                     fw=u.fw,
                     is_status_message=u.status_ms is not None,
+                    seq=u.seq,
+                    last_topic=u.topic,
+                    last_payload=u.payload,
                 )
                 for u in updates
             ]
         )
         if first_seen:
             self.states.mark_online(list(first_seen))
+        self._commission({u.device_id: u.fields for u in updates if u.fields})
+
+    def _commission(self, fields: dict[str, set[str]]) -> None:
+        """Devices that have now reported all their type's commissioning fields go in service."""
+        if not fields:
+            return
+        seen = self.states.add_seen_fields(fields)
+        ready = []
+        for device_id, have in seen.items():
+            info = self.cache.get(device_id)
+            if info is not None and set(THING_MODELS[info.device_type].commissioning_fields) <= have:
+                ready.append(device_id)
+        if ready:
+            moved = self.registry.mark_in_service(ready)
+            if moved:
+                log.info("devices_in_service", extra={"count": len(moved), "first": moved[0]})
 
     def refresh_registry(self) -> None:
         self.cache.refresh()

@@ -17,6 +17,7 @@ THING = ThingModel(
     type="access_control",
     name_zh="门禁",
     name_en="Door / gate access controller",
+    commissioning_fields=("door_open",),
     report_interval_s=300,
     description="Door state and access events of a door or gate controller.",
     telemetry=(

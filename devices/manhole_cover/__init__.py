@@ -6,6 +6,7 @@ THING = ThingModel(
     type="manhole_cover",
     name_zh="智能井盖",
     name_en="Smart manhole cover",
+    commissioning_fields=("tilt_deg", "cover_open", "battery_pct"),
     report_interval_s=3600,
     description="Tilt, open state, water level and gas in the well below a city manhole cover.",
     telemetry=(

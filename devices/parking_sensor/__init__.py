@@ -6,6 +6,7 @@ THING = ThingModel(
     type="parking_sensor",
     name_zh="地磁车位检测器",
     name_en="Geomagnetic parking bay sensor",
+    commissioning_fields=("occupied",),
     report_interval_s=86400,
     description="Occupancy of one parking bay from the disturbance of the earth's magnetic field.",
     telemetry=(

@@ -6,6 +6,7 @@ THING = ThingModel(
     type="smoke_detector",
     name_zh="独立式感烟火灾探测报警器",
     name_en="Independent smoke alarm (NB-IoT)",
+    commissioning_fields=("alarm", "battery_pct"),
     report_interval_s=86400,
     description="A stand-alone smoke alarm that reports its alarm state, smoke density and heartbeats.",
     telemetry=(

@@ -6,6 +6,7 @@ THING = ThingModel(
     type="streetlight",
     name_zh="路灯/多功能灯杆",
     name_en="Street lamp / smart pole",
+    commissioning_fields=("lamp_on", "voltage_v", "power_w"),
     report_interval_s=600,
     description=(
         "Lamp state, electrical readings, leakage, pole tilt and ambient light"
