@@ -1,4 +1,4 @@
-"""Commissioning: a device goes registered → online → in service by what it sends, and the installer sees it."""
+"""Commissioning: registered → online → in service by what a device sends; the installer sees it."""
 
 from __future__ import annotations
 
