@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.mqttload import Encoded, RawPublisher, encode
 from devices import THING_MODELS
+from gateway.broker_admin import Credentials
 from stack.services import InfluxService, free_port, start_influxdb, start_mosquitto
 
 TYPES = ("streetlight", "parking_sensor", "manhole_cover", "access_control", "smoke_detector")
@@ -69,7 +70,7 @@ def build_messages(n_devices: int, n_messages: int, seed: int) -> tuple[list[dic
     return rows, encode(msgs)
 
 
-def _baseline_subscriber(port: int, total: int, q: mp.Queue) -> None:  # type: ignore[type-arg]
+def _baseline_subscriber(port: int, account: Credentials, total: int, q: mp.Queue) -> None:  # type: ignore[type-arg]
     import paho.mqtt.client as mqtt
 
     state = {"n": 0, "first": 0.0, "last": 0.0}
@@ -82,6 +83,7 @@ def _baseline_subscriber(port: int, total: int, q: mp.Queue) -> None:  # type: i
 
     # paho's defaults (MQTT 3.1.1, its own network thread, automatic acks): the cheapest paho can be
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-baseline-{os.getpid()}")
+    c.username_pw_set(account.username, account.password)  # the gateway's account: the same rights
     c.on_message = on_message
     c.connect("127.0.0.1", port)
     c.subscribe("sc/v1/+/+/telemetry", qos=1)
@@ -99,13 +101,22 @@ def _baseline_subscriber(port: int, total: int, q: mp.Queue) -> None:  # type: i
     q.put((state["n"], state["first"], state["last"]))
 
 
-def run_baseline(port: int, enc: Encoded, window: int) -> dict[str, float]:
+def run_baseline(
+    port: int, enc: Encoded, window: int, subscriber: Credentials, publisher: Credentials
+) -> dict[str, float]:
     q: mp.Queue = mp.get_context("fork").Queue()  # type: ignore[type-arg]
-    p = mp.get_context("fork").Process(target=_baseline_subscriber, args=(port, len(enc), q))
+    p = mp.get_context("fork").Process(target=_baseline_subscriber, args=(port, subscriber, len(enc), q))
     p.start()
     assert q.get(timeout=30) == "ready"
     time.sleep(0.5)
-    pub = RawPublisher("127.0.0.1", port, "bench-pub-baseline", window=window)
+    pub = RawPublisher(
+        "127.0.0.1",
+        port,
+        "bench-pub-baseline",
+        window=window,
+        username=publisher.username,
+        password=publisher.password,
+    )
     res = pub.publish(enc, patch_ts=False)
     pub.wait_acks(len(enc))
     pub.close()
@@ -201,6 +212,8 @@ def run_gateway(
     workers: int,
     window: int,
     rate: float | None,
+    gateway_account: Credentials,
+    publisher: Credentials,
 ) -> dict[str, float]:
     db_url = f"sqlite:///{root / 'registry.db'}"
     from gateway.db import make_engine, migrate
@@ -213,6 +226,8 @@ def run_gateway(
     env = dict(
         os.environ,
         SC_MQTT_PORT=str(mq_port),
+        SC_MQTT_USERNAME=gateway_account.username,
+        SC_MQTT_PASSWORD=gateway_account.password,
         SC_INFLUX_URL=influx.url,
         SC_INFLUX_DB="bench",
         SC_DATABASE_URL=db_url,
@@ -252,7 +267,14 @@ def run_gateway(
             "influxdb": _cpu_s(_proc_tree(influx.pid)),
             "publisher": _cpu_s([os.getpid()]),
         }
-        pub = RawPublisher("127.0.0.1", mq_port, "bench-pub-gateway", window=window)
+        pub = RawPublisher(
+            "127.0.0.1",
+            mq_port,
+            "bench-pub-gateway",
+            window=window,
+            username=publisher.username,
+            password=publisher.password,
+        )
         t_first = time.perf_counter()
         res = pub.publish(enc, rate=rate, patch_ts=True)
         acked = pub.wait_acks(len(enc))
@@ -333,15 +355,30 @@ def main(argv: list[str] | None = None) -> int:
     mq = start_mosquitto(root / "mosquitto")
     influx = start_influxdb(root / "influxdb")
     try:
+        # The broker refuses anonymous clients: the gateway (and the baseline subscriber) log in with the
+        # gateway's account, the load publisher with an adaptor account (it publishes for every device).
+        gateway_account, publisher = mq.gateway_account, mq.publisher_account
         print("baseline: do-nothing paho subscriber ...", flush=True)
-        base = run_baseline(mq.port, enc, args.window)
+        base = run_baseline(mq.port, enc, args.window, gateway_account, publisher)
         print(
             f"  received {base['received']} at {base['rate']:.0f} msg/s "
             f"(publisher offered {base['publish_rate']:.0f} msg/s)",
             flush=True,
         )
         print(f"gateway: {args.workers} worker(s) ...", flush=True)
-        gw = run_gateway(root, mq.port, mq.pid, influx, rows, enc, args.workers, args.window, args.rate)
+        gw = run_gateway(
+            root,
+            mq.port,
+            mq.pid,
+            influx,
+            rows,
+            enc,
+            args.workers,
+            args.window,
+            args.rate,
+            gateway_account,
+            publisher,
+        )
     finally:
         mq.stop()
         influx.stop()

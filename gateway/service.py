@@ -136,7 +136,8 @@ async def run_worker(s: Settings, index: int = 0) -> None:
     if len(spool):
         log.warning("spool_found_at_start", extra={"segments": len(spool), "bytes": spool.bytes})
     store = Store(writer, spool, on_rejected, retry_max_s=s.retry_max_s)
-    client_id = f"sc-gateway-{s.instance}-{index}"
+    # A "." cannot appear in a device id, so no device can take over the gateway's session by its id.
+    client_id = f"svc.gateway.{s.instance}.{index}"
     pipe = Pipeline(s, lookup=sinks.cache.get, store=store, sinks=sinks, client_id=client_id)
     if s.metrics_port:
         start_http_server(s.metrics_port + index, addr="127.0.0.1", registry=metrics.REGISTRY)

@@ -127,6 +127,10 @@ class Settings(BaseSettings):
             and self.credential_hash_key.get_secret_value() == DEV_CREDENTIAL_KEY
         ):
             raise ValueError("SC_CREDENTIAL_HASH_KEY must be set to a secret in production")
+        if self.environment == "production" and (self.mqtt_username is None or self.mqtt_password is None):
+            raise ValueError(
+                "SC_MQTT_USERNAME and SC_MQTT_PASSWORD (the gateway's account) are required in production"
+            )
         if self.workers > 1 and not self.mqtt_share_group:
             raise ValueError("SC_WORKERS > 1 needs SC_MQTT_SHARE_GROUP: each worker would get every message")
         if self.influx_mode == "v2":

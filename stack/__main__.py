@@ -2,6 +2,8 @@
 
 `python -m stack packages` installs the Debian packages the stack needs.
 Everything runs on 127.0.0.1 with its data under .var/; Ctrl-C stops what this started, in order.
+The broker refuses anonymous clients: the gateway and the simulator get accounts of their own, made on
+the first run and kept under .var/mosquitto/accounts/; the broker's admin is in .var/mosquitto/admin.json.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import time
 import urllib.request
 
+from gateway.broker_admin import ADAPTOR_ROLE
 from stack.services import (
     REPO_ROOT,
     REQUIRED_PACKAGES,
@@ -27,6 +30,7 @@ from stack.services import (
 )
 
 VAR = REPO_ROOT / ".var"
+SIMULATOR_ACCOUNT = "svc.simulator"
 
 
 def _port(wanted: int) -> int:
@@ -71,13 +75,18 @@ def up(args: argparse.Namespace) -> int:
     try:
         mq_port, influx_port = _port(args.mqtt_port), _port(args.influx_port)
         print("==> starting Mosquitto and InfluxDB", flush=True)
-        services.append(start_mosquitto(VAR / "mosquitto", mq_port))
+        broker = start_mosquitto(VAR / "mosquitto", mq_port)
+        services.append(broker)
         services.append(start_influxdb(VAR / "influxdb", influx_port))
+        gateway_account = broker.gateway_account
+        simulator_account = broker.account(SIMULATOR_ACCOUNT, ADAPTOR_ROLE)
         db_url = f"sqlite:///{VAR / 'registry.db'}"
         metrics_port = _port(args.metrics_port)
         env = dict(
             os.environ,
             SC_MQTT_PORT=str(mq_port),
+            SC_MQTT_USERNAME=gateway_account.username,
+            SC_MQTT_PASSWORD=gateway_account.password,
             SC_INFLUX_URL=f"http://127.0.0.1:{influx_port}",
             SC_DATABASE_URL=db_url,
             SC_SPOOL_DIR=str(VAR / "spool"),
@@ -120,7 +129,11 @@ def up(args: argparse.Namespace) -> int:
                         "--progress",
                         "30",
                     ],
-                    env=env,
+                    env=dict(
+                        env,
+                        SC_SIM_USERNAME=simulator_account.username,
+                        SC_SIM_PASSWORD=simulator_account.password,
+                    ),
                     stdout=sim_log,
                     stderr=sim_log,
                     start_new_session=True,
@@ -140,7 +153,8 @@ Look at it:
   {influx_cli} -execute 'SELECT * FROM streetlight ORDER BY time DESC LIMIT 5'
   SC_DATABASE_URL={db_url} .venv/bin/sc-gateway devices list
   SC_DATABASE_URL={db_url} .venv/bin/sc-gateway deadletters counts
-  mosquitto_sub -p {mq_port} -t 'sc/v1/#' -v
+  mosquitto_sub -p {mq_port} -t 'sc/v1/#' -v -u {broker.admin_username} \\
+      -P <the "password" in {VAR / "mosquitto" / "admin.json"}>
 Ctrl-C stops everything.
 """,
             flush=True,

@@ -36,6 +36,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
+from gateway.broker_admin import (
+    ADAPTOR_ROLE,
+    ADMIN_USERNAME,
+    GATEWAY_ROLE,
+    BrokerAdmin,
+    Credentials,
+    initial_config,
+    new_password,
+    write_private,
+)
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +58,7 @@ LOOPBACK = "127.0.0.1"
 LOG_TAIL_LINES = 30
 
 MOSQUITTO_BIN = Path("/usr/sbin/mosquitto")
+DYNSEC_PLUGIN_DIR = Path("/usr/lib")
 INFLUXD_BIN = Path("/usr/bin/influxd")
 POSTGRES_LIB = Path("/usr/lib/postgresql")
 
@@ -308,6 +320,8 @@ class Service:
 
     stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
     ready_timeout: ClassVar[float] = 15.0
+    # The process's umask (-1: inherit ours).
+    umask: ClassVar[int] = -1
 
     proc: subprocess.Popen[bytes]
 
@@ -342,6 +356,7 @@ class Service:
                 cwd=self.data_dir,
                 env=_child_env(self.data_dir),
                 start_new_session=True,
+                umask=self.umask,
                 **_run_as(self._account),
             )
         _RUNNING.add(self)
@@ -444,6 +459,9 @@ class Service:
 
 class MosquittoService(Service):
     ready_timeout = 15.0
+    # What the broker writes (the accounts file with its password hashes, the persistence database, the
+    # log) is for its own user only.
+    umask = 0o077
 
     def __init__(
         self,
@@ -454,11 +472,16 @@ class MosquittoService(Service):
         *,
         port: int,
         conf_path: Path,
+        admin: Credentials,
     ) -> None:
         super().__init__("mosquitto", argv, data_dir, log_path, account)
         self.host = LOOPBACK
         self.port = port
         self.conf_path = conf_path
+        self.dynsec_path = data_dir / DYNSEC_FILE
+        self.admin_username = admin.username
+        self.admin_password = admin.password
+        self._accounts: dict[str, Credentials] = {}
 
     def describe(self) -> str:
         return f"mqtt://{self.host}:{self.port}, data dir {self.data_dir}"
@@ -470,16 +493,49 @@ class MosquittoService(Service):
         except OSError:
             return False
 
+    def admin(self, **kwargs: Any) -> BrokerAdmin:
+        """A BrokerAdmin logged in as this broker's admin (connects on `with`, or on .connect())."""
+        return BrokerAdmin(self.host, self.port, self.admin_username, self.admin_password, **kwargs)
 
-_MOSQUITTO_PLACEHOLDERS = ("{port}", "{data_dir}", "{log_path}")
+    def account(self, username: str, role: str) -> Credentials:
+        """A service account ("svc.*") with `role`, created on first use (with the roles it needs).
+
+        Its password is kept in <data_dir>/accounts/<username>.json (0600), so the same data dir gives the
+        same credentials on the next run.
+        """
+        if username not in self._accounts:
+            store = self.data_dir / "accounts" / f"{username}.json"
+            with self.admin() as admin:
+                admin.ensure_roles()
+                self._accounts[username] = admin.ensure_service_account(username, role, store)
+        return self._accounts[username]
+
+    @property
+    def gateway_account(self) -> Credentials:
+        """The gateway's account, role sc-gateway (SC_MQTT_USERNAME / SC_MQTT_PASSWORD)."""
+        return self.account(GATEWAY_ACCOUNT, GATEWAY_ROLE)
+
+    @property
+    def publisher_account(self) -> Credentials:
+        """An adaptor account, role sc-adaptor: publishes uplink for any device (simulators, tests, bench)."""
+        return self.account(PUBLISHER_ACCOUNT, ADAPTOR_ROLE)
 
 
-def render_mosquitto_conf(template: str, *, port: int, data_dir: Path, log_path: Path) -> str:
-    """Fill the {port}, {data_dir} and {log_path} placeholders of the shipped broker config."""
+_MOSQUITTO_PLACEHOLDERS = ("{port}", "{data_dir}", "{log_path}", "{dynsec_plugin}")
+DYNSEC_FILE = "dynamic-security.json"
+ADMIN_FILE = "admin.json"
+GATEWAY_ACCOUNT = "svc.gateway"
+PUBLISHER_ACCOUNT = "svc.publisher"
+
+
+def render_mosquitto_conf(
+    template: str, *, port: int, data_dir: Path, log_path: Path, dynsec_plugin: Path
+) -> str:
+    """Fill the {port}, {data_dir}, {log_path} and {dynsec_plugin} placeholders of the shipped config."""
     missing = [p for p in _MOSQUITTO_PLACEHOLDERS if p not in template]
     if missing:
         raise StackError(f"mosquitto config template lacks the placeholders {missing}")
-    for value in (data_dir, log_path):
+    for value in (data_dir, log_path, dynsec_plugin):
         # mosquitto.conf values end at the first whitespace.
         if any(ch.isspace() for ch in str(value)):
             raise StackError(f"mosquitto cannot use a path with whitespace: {value!r}")
@@ -487,7 +543,46 @@ def render_mosquitto_conf(template: str, *, port: int, data_dir: Path, log_path:
         template.replace("{port}", str(port))
         .replace("{data_dir}", str(data_dir))
         .replace("{log_path}", str(log_path))
+        .replace("{dynsec_plugin}", str(dynsec_plugin))
     )
+
+
+def _dynsec_plugin() -> Path:
+    """The dynamic security plugin of Debian's mosquitto package (its directory depends on the arch)."""
+    found = sorted(DYNSEC_PLUGIN_DIR.glob("*/mosquitto_dynamic_security.so"))
+    found += sorted(DYNSEC_PLUGIN_DIR.glob("mosquitto_dynamic_security.so"))
+    if not found:
+        raise StackError(
+            f"mosquitto_dynamic_security.so not found under {DYNSEC_PLUGIN_DIR}: "
+            "install the Debian package 'mosquitto' (2.0 or later)"
+        )
+    return found[0]
+
+
+def _broker_admin(data_dir: Path, account: pwd.struct_passwd | None) -> Credentials:
+    """The admin account of the broker in data_dir: made on first start, read back afterwards.
+
+    First start: a random admin password goes to admin.json (0600, ours: the broker does not need it),
+    then dynamic-security.json (0600, the broker's user's) is written with that admin only, the
+    equivalent of `mosquitto_ctrl dynsec init` without the password on a command line.
+    """
+    dynsec_path, admin_path = data_dir / DYNSEC_FILE, data_dir / ADMIN_FILE
+    if dynsec_path.exists():
+        try:
+            doc = json.loads(admin_path.read_text())
+            return Credentials(str(doc["username"]), str(doc["password"]))
+        except (OSError, ValueError, KeyError) as exc:
+            raise StackError(
+                f"{dynsec_path} exists but its admin credentials cannot be read from {admin_path} ({exc}). "
+                f"Restore {admin_path}, or remove {dynsec_path} to start over (every account is lost)."
+            ) from exc
+    admin = Credentials(ADMIN_USERNAME, new_password())
+    write_private(admin_path, json.dumps({"username": admin.username, "password": admin.password}))
+    owner = (account.pw_uid, account.pw_gid) if account is not None else (-1, -1)
+    config = json.dumps(initial_config(admin.username, admin.password), indent=1)
+    write_private(dynsec_path, config, uid=owner[0], gid=owner[1])
+    log.info("mosquitto: accounts file %s created with the admin account %s", dynsec_path, admin.username)
+    return admin
 
 
 def start_mosquitto(
@@ -497,24 +592,36 @@ def start_mosquitto(
     conf_template: Path = MOSQUITTO_CONF_TEMPLATE,
     extra_conf: str = "",
 ) -> MosquittoService:
-    """Start Mosquitto on 127.0.0.1:port with its persistence, rendered config and log in data_dir.
+    """Start Mosquitto on 127.0.0.1:port with its persistence, accounts, rendered config and log in data_dir.
 
+    Anonymous clients are refused. On the first start in data_dir the dynamic security plugin's file is
+    written with an admin account only (`.admin_username` / `.admin_password`, also in admin.json); a
+    restart keeps every account. `.gateway_account` / `.publisher_account` / `.account()` make the
+    service accounts, `.admin()` gives a BrokerAdmin for the rest.
     extra_conf is appended to the rendered config (for a test that needs another limit, say).
     """
     binary = _require_binary(MOSQUITTO_BIN, "mosquitto")
+    plugin = _dynsec_plugin()
     account = _service_account("mosquitto")
     data_dir = _prepare_data_dir(data_dir, account, "mosquitto")
     port = free_port() if port is None else port
     log_path = data_dir / "mosquitto.log"
     conf_path = data_dir / "mosquitto.conf"
     rendered = render_mosquitto_conf(
-        Path(conf_template).read_text(), port=port, data_dir=data_dir, log_path=log_path
+        Path(conf_template).read_text(), port=port, data_dir=data_dir, log_path=log_path, dynsec_plugin=plugin
     )
     if extra_conf:
         rendered += "\n# --- extra_conf from start_mosquitto() ---\n" + extra_conf.strip() + "\n"
     conf_path.write_text(rendered)
+    admin = _broker_admin(data_dir, account)
     service = MosquittoService(
-        [str(binary), "-c", str(conf_path)], data_dir, log_path, account, port=port, conf_path=conf_path
+        [str(binary), "-c", str(conf_path)],
+        data_dir,
+        log_path,
+        account,
+        port=port,
+        conf_path=conf_path,
+        admin=admin,
     )
     return service.start()
 

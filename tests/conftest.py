@@ -78,9 +78,16 @@ def stack_root(request: pytest.FixtureRequest) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def mosquitto(stack_packages: None, stack_root: Path) -> Iterator[MosquittoService]:
-    """The session's broker, with the shipped mosquitto/mosquitto.conf: `.host`, `.port`, `.log_path`."""
+    """The session's broker, with the shipped mosquitto/mosquitto.conf: `.host`, `.port`, `.log_path`.
+
+    It refuses anonymous clients. Ready accounts: `.gateway_account` (role sc-gateway) and
+    `.publisher_account` (role sc-adaptor: publishes uplink for any device); `.admin()` for the rest.
+    """
     service = _start_or_fail(lambda: start_mosquitto(_make_service_dir(stack_root, "mosquitto")))
     with service:
+        # Made now, so a failure shows as the fixture's, not inside the first test that uses one.
+        service.gateway_account  # noqa: B018
+        service.publisher_account  # noqa: B018
         yield service
 
 

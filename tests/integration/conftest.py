@@ -31,6 +31,7 @@ from sqlalchemy import Engine
 
 from devices import THING_MODELS
 from devices.samples import example_payload
+from gateway.broker_admin import Credentials
 from gateway.db import make_engine, migrate
 from gateway.deadletter import DeadLetterStore, DeviceStateStore
 from gateway.registry import Registry
@@ -195,14 +196,19 @@ class Publisher:
 
     It reconnects by itself and paho sends again what the broker has not acknowledged, so it can keep
     publishing through a broker restart; `acked` holds the ids of the messages the broker acknowledged.
+    It logs in as `credentials` (default: the broker's adaptor account, which publishes for any device).
     """
 
-    def __init__(self, broker: MosquittoService, client_id: str | None = None) -> None:
+    def __init__(
+        self, broker: MosquittoService, client_id: str | None = None, credentials: Credentials | None = None
+    ) -> None:
         self.client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id or f"test-pub-{uuid.uuid4().hex[:8]}",
             protocol=mqtt.MQTTv5,
         )
+        account = credentials or broker.publisher_account
+        self.client.username_pw_set(account.username, account.password)
         self.client.max_inflight_messages_set(100)
         self.client.reconnect_delay_set(0.1, 1)
         self.acked: set[int] = set()
@@ -317,6 +323,7 @@ class Harness:
 
     def gateway_env(self, **overrides: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SC_")}
+        account = self.broker.gateway_account
         env.update(
             {
                 "PYTHONPATH": str(REPO),
@@ -324,6 +331,8 @@ class Harness:
                 "SC_INSTANCE": self.instance,
                 "SC_MQTT_HOST": self.broker.host,
                 "SC_MQTT_PORT": str(self.broker.port),
+                "SC_MQTT_USERNAME": account.username,
+                "SC_MQTT_PASSWORD": account.password,
                 "SC_MQTT_SHARE_GROUP": self.share_group,
                 "SC_INFLUX_URL": self.influx.url,
                 "SC_INFLUX_DB": self.influx_db,
@@ -354,6 +363,12 @@ class Harness:
         pub = Publisher(self.broker, client_id)
         self.publishers.append(pub)
         return pub
+
+    def device_credentials(self, row: Mapping[str, Any]) -> Credentials:
+        """The device's own broker account (username = client id = device id), made for this test."""
+        with self.broker.admin() as admin:
+            password = admin.create_device(row["device_id"], row["device_type"])
+        return Credentials(row["device_id"], password)
 
     # -- InfluxDB
 

@@ -268,7 +268,8 @@ def test_access_credential_is_stored_only_as_its_keyed_hash(harness: Harness) ->
 
 
 def _device_with_last_will(harness: Harness, row: dict[str, Any]) -> mqtt.Client:
-    """The device's own MQTT session (client id = device id) with its last will on its status topic.
+    """The device's own MQTT session (its own account; client id = device id) with its last will on its
+    status topic.
 
     No network thread: the test drives paho's loop, so it can later drop the socket under paho's feet.
     """
@@ -277,6 +278,8 @@ def _device_with_last_will(harness: Harness, row: dict[str, Any]) -> mqtt.Client
         client_id=row["device_id"],
         protocol=mqtt.MQTTv5,
     )
+    account = harness.device_credentials(row)
+    client.username_pw_set(account.username, account.password)
     client.will_set(topic(row, "status"), b'{"online": false}', qos=1, retain=True)
     connected: list[bool] = []
     client.on_connect = lambda *_: connected.append(True)

@@ -17,6 +17,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from gateway.broker_admin import Credentials
 from stack.services import (
     InfluxService,
     MosquittoService,
@@ -31,12 +32,20 @@ TIMEOUT_S = 10
 
 
 class Mqtt:
-    """A paho client on its network thread, with what it received in a queue."""
+    """A paho client on its network thread, logged in as `account`, with what it received in a queue."""
 
-    def __init__(self, broker: MosquittoService, client_id: str, *, session_expiry_s: int | None = None):
+    def __init__(
+        self,
+        broker: MosquittoService,
+        account: Credentials,
+        client_id: str,
+        *,
+        session_expiry_s: int | None = None,
+    ):
         self.client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
         )
+        self.client.username_pw_set(account.username, account.password)
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.session_present: bool | None = None
         self.connect_reason: ReasonCode | None = None
@@ -87,17 +96,26 @@ class Mqtt:
 
 
 @contextmanager
-def mqtt_client(broker: MosquittoService, client_id: str = "", **kwargs: int) -> Iterator[Mqtt]:
-    client = Mqtt(broker, client_id or f"test-{uuid.uuid4().hex[:8]}", **kwargs)
+def mqtt_client(
+    broker: MosquittoService, account: Credentials, client_id: str = "", **kwargs: int
+) -> Iterator[Mqtt]:
+    client = Mqtt(broker, account, client_id or f"test-{uuid.uuid4().hex[:8]}", **kwargs)
     try:
         yield client
     finally:
         client.close()
 
 
+def _telemetry_topic() -> str:
+    return f"sc/v1/manhole_cover/stack-{uuid.uuid4().hex[:12]}/telemetry"
+
+
 def test_mosquitto_round_trip_at_qos1(mosquitto: MosquittoService) -> None:
-    topic = f"test/{uuid.uuid4().hex}"
-    with mqtt_client(mosquitto) as sub, mqtt_client(mosquitto) as pub:
+    topic = _telemetry_topic()
+    with (
+        mqtt_client(mosquitto, mosquitto.gateway_account) as sub,
+        mqtt_client(mosquitto, mosquitto.publisher_account) as pub,
+    ):
         sub.subscribe(topic)
         pub.publish(topic, b'{"tilt_deg": 1.5}')
         message = sub.messages.get(timeout=TIMEOUT_S)
@@ -106,12 +124,13 @@ def test_mosquitto_round_trip_at_qos1(mosquitto: MosquittoService) -> None:
 
 
 def test_mosquitto_keeps_queued_messages_of_a_persistent_session_across_a_restart(service_dir: Path) -> None:
-    topic = "test/persisted"
+    topic = _telemetry_topic()
     with start_mosquitto(service_dir) as broker:
-        with mqtt_client(broker, "gateway", session_expiry_s=3600) as sub:
+        gateway, publisher = broker.gateway_account, broker.publisher_account
+        with mqtt_client(broker, gateway, "gateway", session_expiry_s=3600) as sub:
             sub.subscribe(topic)
         # The subscriber is away: the broker queues for its session.
-        with mqtt_client(broker) as pub:
+        with mqtt_client(broker, publisher) as pub:
             for i in range(5):
                 pub.publish(topic, f"reading {i}".encode())
 
@@ -119,7 +138,7 @@ def test_mosquitto_keeps_queued_messages_of_a_persistent_session_across_a_restar
         broker.restart()
         assert broker.port == port
 
-        with mqtt_client(broker, "gateway", session_expiry_s=3600) as sub:
+        with mqtt_client(broker, gateway, "gateway", session_expiry_s=3600) as sub:
             assert sub.session_present
             assert sub.receive(5) == [f"reading {i}".encode() for i in range(5)]
 

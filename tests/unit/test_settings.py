@@ -26,6 +26,7 @@ def test_a_dedicated_smoke_consumer() -> None:
         ({"SC_MQTT_DEVICE_TYPES": "fridge"}, "fridge"),
         ({"SC_INFLUX_MODE": "v2"}, "SC_INFLUX_ORG"),
         ({"SC_ENVIRONMENT": "production"}, "SC_CREDENTIAL_HASH_KEY"),
+        ({"SC_ENVIRONMENT": "production", "SC_CREDENTIAL_HASH_KEY": "s3cret-key"}, "SC_MQTT_USERNAME"),
         ({"SC_BATCH_MAX_POINTS": "0"}, "batch_max_points"),
     ],
 )
