@@ -397,3 +397,18 @@ api_keys = Table(
     Column("revoked_at", UTCDateTime),
     CheckConstraint("role IN ({})".format(", ".join(f"'{x}'" for x in API_ROLES)), name="role"),
 )
+
+# A device's history (全程留痕): every registry change and credential operation, by whom, at which
+# registry version. No foreign key: the history of a device outlives nothing but is never in the way.
+device_events = Table(
+    "device_events",
+    metadata,
+    Column("id", AutoIncrementId, primary_key=True, autoincrement=True),
+    Column("device_id", String(DEVICE_ID_LEN), nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("actor", String(128)),
+    Column("version", BigInteger),
+    Column("detail", JSONDocument, nullable=False, default=dict),
+    Index(None, "device_id"),
+)

@@ -12,34 +12,88 @@ in any order:
 
     device_id, device_type, community, grid_code           required
     district, street, building, address, lat, lon,
-    responsible_unit, component_code                        optional (empty cell = not set)
+    responsible_unit, component_code,
+    install_date (YYYY-MM-DD), firmware, batch              optional (empty cell = not set)
     attr.<name>                                             one column per attribute, e.g. attr.bay_kind
 
 Attribute values are kept as the text in the cell (an empty cell means the device does not have
 that attribute); whoever reads an attribute converts it with its own schema. Unknown columns are a
 file error (a typo in the header must not silently drop a column). Row numbers in the report are
 spreadsheet rows: the header is row 1, the first device row 2. A row's values replace the device's
-place data and attributes entirely; the lifecycle is never changed by an import.
+place data and attributes entirely; the lifecycle is never changed by an import. A row for a retired
+device, or one that changes a device's type, is an error (a type is bound into the device's broker
+rights: retire it and register a new id). `Registry.export_csv` writes this same format.
+
+Codes (../shared/spec/domain.md)
+--------------------------------
+- Unit grid code: 15 digits (6 administrative + 3 street + 3 community + 3 grid), or 14 (older systems).
+- Component code: 16 digits split by a `CodeScheme`, by default 6 administrative + 2 major class +
+  2 minor class + 6 serial; `CodeScheme.parse("6+2+3+5")` for the newer platforms' split. A minor
+  class is compared by number, so class 0101 is major 01 with minor 01 (2 digits) or 001 (3 digits).
+- A component code is optional (not every device is registered as a city component). When given:
+  a manhole cover's class is one of the 01xx covers (`COMPONENT_CLASSES`), a streetlight's 0118 路灯 or
+  0117 立杆; for the other types (access control, parking, smoke detectors are not a fixed component
+  class: a city may file a parking sensor under its 0201 停车场 or a door under 07 扩展部件) any class
+  whose major class is one of 01-07 is accepted. A manhole's `owner_class` attribute, when given, is
+  one of the cover classes and equals its component code's class.
+
+Places (`Places`)
+-----------------
+district (6 digits) → street (9 = district + 3) → community (12) → grid (15, or a 14-digit legacy
+code). A place's level follows from its code's length and its parent is its code's prefix, which must
+be registered first. Devices name their community and grid code; they are not required to reference a
+registered place (imports from older systems come before their places do).
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import csv
 import datetime as dt
+import fcntl
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import IO, Any, Final, Literal, TypeAlias, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
-from sqlalchemy import Connection, Engine, RowMapping, bindparam, func, insert, select, update
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from sqlalchemy import (
+    Connection,
+    Engine,
+    RowMapping,
+    bindparam,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.sql.elements import ColumnElement
 
 from devices import THING_MODELS
-from gateway.db import LIFECYCLES, devices, registry_version, write_transaction
+from gateway.db import (
+    LIFECYCLES,
+    PLACE_LEVELS,
+    device_events,
+    device_state,
+    devices,
+    places,
+    registry_version,
+    responsible_units,
+    write_transaction,
+)
 
 DeviceType: TypeAlias = Literal[
     "manhole_cover", "streetlight", "access_control", "parking_sensor", "smoke_detector"
@@ -63,13 +117,151 @@ OPTIONAL_COLUMNS: Final = (
     "lon",
     "responsible_unit",
     "component_code",
+    "install_date",
+    "firmware",
+    "batch",
 )
 ATTRIBUTE_PREFIX: Final = "attr."
+#: The place of a device: what `Registry.move` replaces as a whole.
+PLACE_FIELDS: Final = ("community", "grid_code", "district", "street", "building", "address", "lat", "lon")
 
 _DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _GRID_CODE_RE: Final = re.compile(r"[0-9]{14,15}")
-_COMPONENT_CODE_RE: Final = re.compile(r"[0-9]{16}")
+_DIGITS_RE: Final = re.compile(r"[0-9]+")
 _ATTRIBUTE_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+_BATCH_RE: Final = re.compile(r"[^\x00-\x1f]{1,64}")
+
+# ---------------------------------------------------------------------------------------------
+# Component codes
+
+#: Major component classes (部件大类).
+MAJOR_CLASSES: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "01": "公用设施",
+        "02": "道路交通",
+        "03": "市容环境",
+        "04": "园林绿化",
+        "05": "房屋土地",
+        "06": "其他设施",
+        "07": "扩展部件",
+    }
+)
+#: Minor component classes this gateway's device types use (verify against GB/T 30428.2).
+MINOR_CLASSES: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "0101": "上水井盖",
+        "0102": "污水井盖",
+        "0103": "雨水井盖",
+        "0105": "电力井盖",
+        "0106": "路灯井盖",
+        "0107": "通信井盖",
+        "0110": "热力井盖",
+        "0111": "燃气井盖",
+        "0114": "无主井盖",
+        "0117": "立杆",
+        "0118": "路灯",
+        "0201": "停车场",
+    }
+)
+MANHOLE_COVER_CLASSES: Final = ("0101", "0102", "0103", "0105", "0106", "0107", "0110", "0111", "0114")
+#: The component classes a device type's code must have; a type not listed accepts any known major class.
+COMPONENT_CLASSES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {"manhole_cover": MANHOLE_COVER_CLASSES, "streetlight": ("0118", "0117")}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentCode:
+    """A component code cut into its parts by a `CodeScheme`."""
+
+    admin: str
+    major: str
+    minor: str
+    serial: str
+
+    @property
+    def component_class(self) -> str:
+        """Major + minor class as the 4-digit class the standard lists (0101), whatever the minor's width."""
+        return f"{self.major}{int(self.minor):02d}"
+
+
+@dataclass(frozen=True, slots=True)
+class CodeScheme:
+    """How a component code (部件标识码) splits: administrative code, major class, minor class, serial."""
+
+    admin: int = 6
+    major: int = 2
+    minor: int = 2
+    serial: int = 6
+
+    def __post_init__(self) -> None:
+        if self.admin != 6 or self.major != 2:
+            raise ValueError(
+                "a component code starts with the 6-digit administrative code and a 2-digit major class"
+            )
+        if not 2 <= self.minor <= 4 or self.serial < 1 or self.length != 16:
+            raise ValueError(
+                f"component code split {self} must be 6+2+minor+serial = 16 digits"
+                " with a 2 to 4 digit minor class"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> CodeScheme:
+        """`6+2+2+6` (the default) or `6+2+3+5`; ValueError naming what is wrong."""
+        parts = text.replace(" ", "").split("+")
+        if len(parts) != 4 or not all(p.isascii() and p.isdigit() for p in parts):
+            raise ValueError(f"component code split {text!r}: expected four numbers like 6+2+2+6")
+        return cls(*(int(p) for p in parts))
+
+    @property
+    def length(self) -> int:
+        return self.admin + self.major + self.minor + self.serial
+
+    def __str__(self) -> str:
+        return f"{self.admin}+{self.major}+{self.minor}+{self.serial}"
+
+    def describe(self) -> str:
+        return (
+            f"{self.length} digits: {self.admin} administrative + {self.major} major class"
+            f" + {self.minor} minor class + {self.serial} serial"
+        )
+
+    def split(self, code: str) -> ComponentCode:
+        """The parts of a well-formed code; ValueError if it is not `length` ASCII digits."""
+        if not (len(code) == self.length and _DIGITS_RE.fullmatch(code)):
+            raise ValueError(f"must be {self.length} digits")
+        a, b, c = self.admin, self.admin + self.major, self.admin + self.major + self.minor
+        return ComponentCode(code[:a], code[a:b], code[b:c], code[c:])
+
+    def check(self, code: str, device_type: str | None) -> ComponentCode:
+        """Split `code` and check its class fits `device_type`; ValueError saying what is wrong."""
+        parts = self.split(code)
+        if parts.major not in MAJOR_CLASSES:
+            known = ", ".join(f"{k} {v}" for k, v in MAJOR_CLASSES.items())
+            raise ValueError(f"major class {parts.major} is not a component class (known: {known})")
+        allowed = COMPONENT_CLASSES.get(device_type or "")
+        if allowed is not None and parts.component_class not in allowed:
+            expected = ", ".join(f"{c} {MINOR_CLASSES.get(c, '')}".rstrip() for c in allowed)
+            got = parts.component_class
+            name = f"{got} {MINOR_CLASSES[got]}" if got in MINOR_CLASSES else got
+            raise ValueError(f"class {name} does not fit a {device_type}: expected one of {expected}")
+        return parts
+
+
+DEFAULT_CODE_SCHEME: Final = CodeScheme()
+#: Key of the code scheme in a pydantic validation context: `model_validate(data, context={...})`.
+CODE_SCHEME_CONTEXT: Final = "code_scheme"
+
+
+def _scheme_of(info: ValidationInfo) -> CodeScheme:
+    context = info.context
+    scheme = context.get(CODE_SCHEME_CONTEXT) if isinstance(context, dict) else None
+    return scheme if isinstance(scheme, CodeScheme) else DEFAULT_CODE_SCHEME
+
+
+def validation_context(scheme: CodeScheme) -> dict[str, Any]:
+    """The pydantic context that makes DeviceRecord validate component codes with `scheme`."""
+    return {CODE_SCHEME_CONTEXT: scheme}
 
 
 class RegistryError(Exception):
@@ -82,6 +274,14 @@ class DeviceExistsError(RegistryError):
 
 class DeviceNotFoundError(RegistryError):
     """The device id is not registered."""
+
+
+class DeviceRetiredError(RegistryError):
+    """The device is retired: it cannot be changed, enabled or reused."""
+
+
+class DeviceConflictError(RegistryError):
+    """The change conflicts with the device's state (a type change, confirming a disabled device)."""
 
 
 class CsvFormatError(RegistryError, ValueError):
@@ -105,6 +305,9 @@ class DeviceRecord(BaseModel):
     lon: float | None = Field(default=None, ge=-180, le=180)
     responsible_unit: str | None = Field(default=None, max_length=128)
     component_code: str | None = None
+    install_date: dt.date | None = None
+    firmware: str | None = Field(default=None, max_length=64)
+    batch: str | None = Field(default=None, max_length=64)
     attributes: dict[str, AttributeValue] = Field(default_factory=dict)
 
     @field_validator(*OPTIONAL_COLUMNS, mode="before")
@@ -148,11 +351,25 @@ class DeviceRecord(BaseModel):
             raise ValueError("must be 14 or 15 digits")
         return value
 
+    @field_validator("component_code", mode="before")
+    @classmethod
+    def _component_code_as_text(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # typed as a number in a JSON import
+        return value
+
     @field_validator("component_code")
     @classmethod
-    def _check_component_code(cls, value: str | None) -> str | None:
-        if value is not None and not _COMPONENT_CODE_RE.fullmatch(value):
-            raise ValueError("must be 16 digits")
+    def _check_component_code(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            _scheme_of(info).check(value, info.data.get("device_type"))
+        return value
+
+    @field_validator("batch")
+    @classmethod
+    def _check_batch(cls, value: str | None) -> str | None:
+        if value is not None and not _BATCH_RE.fullmatch(value):
+            raise ValueError("must be 1 to 64 characters without control characters")
         return value
 
     @field_validator("attributes")
@@ -184,6 +401,18 @@ class DeviceRecord(BaseModel):
                 typed[name] = f.coerce(raw)
             except ValueError as exc:
                 errors.append(str(exc))
+        owner = typed.get("owner_class")
+        if model.type == "manhole_cover" and owner is not None:
+            code = info.data.get("component_code")
+            if owner not in MANHOLE_COVER_CLASSES:
+                errors.append(
+                    f"owner_class must be one of {', '.join(MANHOLE_COVER_CLASSES)} (got {owner!r})"
+                )
+            elif isinstance(code, str):
+                with contextlib.suppress(ValueError):  # a bad code is reported on its own
+                    got = _scheme_of(info).split(code).component_class
+                    if got != owner:
+                        errors.append(f"owner_class {owner} does not match the component code's class {got}")
         if errors:
             raise ValueError("; ".join(errors))
         return typed
@@ -251,6 +480,10 @@ class RegisteredDevice:
     created_at: dt.datetime
     updated_at: dt.datetime
     version: int
+    install_date: dt.date | None = None
+    firmware: str | None = None
+    batch: str | None = None
+    in_service_at: dt.datetime | None = None
 
     def info(self) -> DeviceInfo:
         return DeviceInfo(
@@ -268,12 +501,20 @@ class RegisteredDevice:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready: timestamps as RFC 3339 text."""
+        """JSON-ready: timestamps as RFC 3339 text, the install date as YYYY-MM-DD."""
         out = {name: getattr(self, name) for name in self.__slots__}
         out["attributes"] = dict(self.attributes)
-        out["created_at"] = self.created_at.isoformat()
-        out["updated_at"] = self.updated_at.isoformat()
+        for name in ("created_at", "updated_at", "in_service_at", "install_date"):
+            value = out[name]
+            out[name] = None if value is None else value.isoformat()
         return out
+
+    def record(self) -> DeviceRecord:
+        """The device as an installer's record (what an import row or a PATCH works on)."""
+        return DeviceRecord.model_construct(
+            **{name: getattr(self, name) for name in _RECORD_FIELDS if name != "attributes"},
+            attributes=dict(self.attributes),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +534,7 @@ class ImportReport:
     rows: tuple[RowResult, ...]
     dry_run: bool = False
     version: int | None = None  # registry version after the import (None for a dry run)
+    aborted: str | None = None  # why the import stopped before its end (ImportAbortedError)
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for r in self.rows if r.outcome == outcome)
@@ -324,7 +566,9 @@ class ParsedCsv:
 CsvSource: TypeAlias = str | os.PathLike[str] | IO[str]
 
 
-def parse_csv(source: CsvSource, *, encoding: str = "utf-8-sig") -> ParsedCsv:
+def parse_csv(
+    source: CsvSource, *, encoding: str = "utf-8-sig", scheme: CodeScheme = DEFAULT_CODE_SCHEME
+) -> ParsedCsv:
     """Read and validate a device CSV without touching the database (see the module docstring).
 
     Raises CsvFormatError when the file as a whole is unusable: no header, unknown or duplicate
@@ -332,11 +576,55 @@ def parse_csv(source: CsvSource, *, encoding: str = "utf-8-sig") -> ParsedCsv:
     """
     if isinstance(source, str | os.PathLike):
         with open(source, encoding=encoding, newline="") as f:
-            return _parse_csv_stream(f, encoding)
-    return _parse_csv_stream(source, encoding)
+            return _parse_csv_stream(f, encoding, scheme)
+    return _parse_csv_stream(source, encoding, scheme)
 
 
-def _parse_csv_stream(stream: IO[str], encoding: str) -> ParsedCsv:
+#: Fields of a JSON export that an import of it ignores (the registry sets them).
+READ_ONLY_FIELDS: Final = frozenset(
+    {"lifecycle", "created_at", "updated_at", "version", "in_service_at", "state", "credentials"}
+)
+
+
+def parse_json_records(items: Any, *, scheme: CodeScheme = DEFAULT_CODE_SCHEME) -> ParsedCsv:
+    """Validate a JSON import: a list of device objects (a JSON export's read-only fields are ignored,
+    so an export imports again unchanged). Row numbers are 1-based positions. Raises CsvFormatError
+    (the request as a whole is unusable) when `items` is not a list.
+    """
+    if not isinstance(items, list):
+        raise CsvFormatError("expected a JSON array of device objects")
+    context = validation_context(scheme)
+    records: list[tuple[int, DeviceRecord]] = []
+    errors: list[RowResult] = []
+    first: dict[str, int] = {}
+    for row, item in enumerate(items, start=1):
+        if not isinstance(item, dict):
+            errors.append(RowResult(row, None, "error", "not a JSON object"))
+            continue
+        raw_id = item.get("device_id")
+        device_id = raw_id.strip() or None if isinstance(raw_id, str) else None
+        if device_id is not None and device_id in first:
+            errors.append(
+                RowResult(
+                    row,
+                    device_id,
+                    "error",
+                    f"duplicate device_id {device_id!r}: already at position {first[device_id]}",
+                )
+            )
+            continue
+        if device_id is not None:
+            first[device_id] = row
+        data = {k: v for k, v in item.items() if k not in READ_ONLY_FIELDS}
+        try:
+            records.append((row, DeviceRecord.model_validate(data, context=context)))
+        except ValidationError as exc:
+            errors.append(RowResult(row, device_id, "error", describe_validation_error(exc)))
+    return ParsedCsv(tuple(records), tuple(errors))
+
+
+def _parse_csv_stream(stream: IO[str], encoding: str, scheme: CodeScheme) -> ParsedCsv:
+    context = validation_context(scheme)
     reader = csv.reader(stream)
     row_number = 1
     try:
@@ -364,7 +652,7 @@ def _parse_csv_stream(stream: IO[str], encoding: str) -> ParsedCsv:
                 errors.append(RowResult(row_number, device_id, "error", problem))
                 continue
             try:
-                records.append((row_number, DeviceRecord.model_validate(data)))
+                records.append((row_number, DeviceRecord.model_validate(data, context=context)))
             except ValidationError as exc:
                 errors.append(RowResult(row_number, device_id, "error", describe_validation_error(exc)))
     except UnicodeDecodeError as exc:
@@ -462,6 +750,17 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+# Key of the PostgreSQL advisory lock of `Registry.credentials_lock` ("sccr").
+_CREDENTIALS_LOCK_KEY: Final = 0x73636372
+_PROCESS_LOCKS: dict[str, threading.Lock] = {}
+_PROCESS_LOCKS_GUARD: Final = threading.Lock()
+
+
+def _process_lock(key: str) -> threading.Lock:
+    with _PROCESS_LOCKS_GUARD:
+        return _PROCESS_LOCKS.setdefault(key, threading.Lock())
+
+
 def _lock_version(conn: Connection) -> int:
     """Read the registry version holding its row lock until the transaction ends."""
     stmt = select(registry_version.c.version).where(registry_version.c.id == 1).with_for_update()
@@ -472,32 +771,214 @@ def _store_version(conn: Connection, version: int) -> None:
     conn.execute(update(registry_version).where(registry_version.c.id == 1).values(version=version))
 
 
-class Registry:
-    """The device registry in SQL. Methods are blocking: call them from a worker thread in asyncio."""
+InsertHook: TypeAlias = Callable[[Sequence[DeviceRecord]], Mapping[str, str]]
+"""Called inside an import's write transaction with the devices about to be created, after the checks
+and before the insert: returns {device_id: reason} for devices that must not be created (they become
+error rows). It may raise ImportAbortedError to stop the import; that batch is then rolled back. It
+runs under the registry's write lock: keep it quick (no broker calls)."""
 
-    def __init__(self, engine: Engine, *, clock: Callable[[], dt.datetime] = _utcnow) -> None:
+
+class ImportAbortedError(RegistryError):
+    """Raised by an InsertHook to stop an import: the current batch and the rest are not imported."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A registry operation's result: the device as it is now, and whether anything changed."""
+
+    device: RegisteredDevice
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEvent:
+    """One entry of a device's history: what happened, when, by whom, at which registry version."""
+
+    id: int
+    device_id: str
+    at: dt.datetime
+    action: str
+    actor: str | None
+    version: int | None
+    detail: Mapping[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "device_id": self.device_id,
+            "at": self.at.isoformat(),
+            "action": self.action,
+            "actor": self.actor,
+            "version": self.version,
+            "detail": dict(self.detail),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceProgress:
+    """A device as commissioning sees it: where it is, what it last sent, what it still has to send."""
+
+    device_id: str
+    device_type: str
+    lifecycle: str
+    community: str | None
+    grid_code: str | None
+    building: str | None
+    batch: str | None
+    online: bool | None
+    last_seen: dt.datetime | None
+    fw: str | None
+    last_topic: str | None
+    last_payload: bytes | None
+    seen_fields: tuple[str, ...]
+    missing_fields: tuple[str, ...]
+
+    @property
+    def heard_from(self) -> bool:
+        return self.last_seen is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Commissioning:
+    """A site's or a batch's commissioning: counts per lifecycle and each device's progress."""
+
+    total: int
+    counts: Mapping[str, int]
+    not_heard_from: int
+    devices: tuple[DeviceProgress, ...]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dt.date | dt.datetime):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """{field: [old, new]} of the record fields that differ, JSON-ready."""
+    return {
+        name: [_jsonable(old[name]), _jsonable(new[name])]
+        for name in _RECORD_FIELDS
+        if old[name] != new[name]
+    }
+
+
+class Registry:
+    """The device registry in SQL. Methods are blocking: call them from a worker thread in asyncio.
+
+    Every change is one transaction that takes the registry lock (see the module docstring), bumps the
+    version only when something changed, and appends to the device's history (`device_events`) with
+    the actor that did it (an API key's name, `cli`, `gateway`).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], dt.datetime] = _utcnow,
+        code_scheme: CodeScheme = DEFAULT_CODE_SCHEME,
+    ) -> None:
         self._engine = engine
         self._clock = clock
+        self._scheme = code_scheme
 
     @property
     def engine(self) -> Engine:
         return self._engine
 
-    def add(self, record: DeviceRecord) -> None:
-        """Register one new device (lifecycle `registered`). Raises DeviceExistsError."""
+    @property
+    def code_scheme(self) -> CodeScheme:
+        return self._scheme
+
+    def validate(self, data: Mapping[str, Any]) -> DeviceRecord:
+        """A DeviceRecord checked with this registry's code scheme; raises pydantic's ValidationError."""
+        return DeviceRecord.model_validate(data, context=validation_context(self._scheme))
+
+    # -- creating ------------------------------------------------------------------------------------
+
+    def add(
+        self,
+        record: DeviceRecord,
+        *,
+        actor: str = "registry",
+        detail: Mapping[str, Any] | None = None,
+    ) -> RegisteredDevice:
+        """Register one new device (lifecycle `registered`); `detail` goes into its history's first
+        entry. Raises DeviceExistsError."""
         now = self._clock()
         with write_transaction(self._engine) as conn:
             version = _lock_version(conn) + 1
-            exists = conn.execute(
-                select(devices.c.device_id).where(devices.c.device_id == record.device_id)
-            ).first()
-            if exists is not None:
-                raise DeviceExistsError(f"device {record.device_id!r} is already registered")
+            self._ensure_absent(conn, record.device_id)
             conn.execute(
                 insert(devices),
                 [{**record.model_dump(), "created_at": now, "updated_at": now, "version": version}],
             )
+            event = (record.device_id, "created", dict(detail or {}))
+            self._log(conn, [event], actor=actor, version=version, at=now)
             _store_version(conn, version)
+            row = conn.execute(select(*_FULL_COLUMNS).where(devices.c.device_id == record.device_id)).one()
+        return _device_from_row(row._mapping)
+
+    @contextlib.contextmanager
+    def credentials_lock(self) -> Iterator[None]:
+        """Serialise the creation of broker accounts across threads and processes, without the
+        registry's write lock (the gateway needs that one; the broker can take seconds per batch).
+
+        Whoever creates accounts for new devices holds it from checking the ids are free until their
+        rows are committed, so an account found without a registry row while holding it is a leftover.
+        PostgreSQL: a session advisory lock; a SQLite file: an flock on `<file>.credentials.lock`.
+        """
+        url = self._engine.url
+        with _process_lock(url.render_as_string(hide_password=False)):
+            if url.get_backend_name() == "postgresql":
+                with self._engine.connect() as conn:
+                    conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _CREDENTIALS_LOCK_KEY})
+                    conn.commit()
+                    try:
+                        yield
+                    finally:
+                        conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _CREDENTIALS_LOCK_KEY})
+                        conn.commit()
+                return
+            database = url.database or ""
+            if (
+                url.get_backend_name() != "sqlite"
+                or database in ("", ":memory:")
+                or database.startswith("file:")
+            ):
+                yield
+                return
+            with open(f"{database}.credentials.lock", "a+b") as lock_file:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+    def absent(self, device_ids: Iterable[str]) -> builtins.list[str]:
+        """Those of `device_ids` that are not registered, in the order given."""
+        ids = builtins.list(device_ids)
+        with self._engine.connect() as conn:
+            present = set(
+                conn.execute(select(devices.c.device_id).where(devices.c.device_id.in_(ids))).scalars()
+            )
+        return [d for d in ids if d not in present]
+
+    def ensure_absent(self, device_id: str) -> None:
+        """DeviceExistsError if the id is registered (retired ones included: an id is never reused)."""
+        with self._engine.connect() as conn:
+            self._ensure_absent(conn, device_id)
+
+    @staticmethod
+    def _ensure_absent(conn: Connection, device_id: str) -> None:
+        lifecycle = conn.execute(
+            select(devices.c.lifecycle).where(devices.c.device_id == device_id)
+        ).scalar_one_or_none()
+        if lifecycle is not None:
+            state = " (retired: a retired id is not reused)" if lifecycle == "retired" else ""
+            raise DeviceExistsError(f"device {device_id!r} is already registered{state}")
 
     def upsert_many(
         self,
@@ -506,6 +987,8 @@ class Registry:
         batch_size: int = 1000,
         progress: ProgressCallback | None = None,
         dry_run: bool = False,
+        actor: str = "registry",
+        before_insert: InsertHook | None = None,
     ) -> ImportReport:
         """Create or update devices in batches, one transaction and one version per batch.
 
@@ -529,7 +1012,14 @@ class Registry:
             else:
                 seen[record.device_id] = row
                 unique.append((row, record))
-        return self._import(unique, errors, batch_size=batch_size, progress=progress, dry_run=dry_run)
+        return self.import_parsed(
+            ParsedCsv(tuple(unique), tuple(errors)),
+            batch_size=batch_size,
+            progress=progress,
+            dry_run=dry_run,
+            actor=actor,
+            before_insert=before_insert,
+        )
 
     def import_csv(
         self,
@@ -539,58 +1029,79 @@ class Registry:
         batch_size: int = 1000,
         progress: ProgressCallback | None = None,
         encoding: str = "utf-8-sig",
+        actor: str = "registry",
+        before_insert: InsertHook | None = None,
     ) -> ImportReport:
         """Import a device CSV (format in the module docstring). Valid rows are imported even when
         other rows fail; re-importing the same file changes nothing. With `dry_run` the outcomes are
         computed against the database but nothing is written. Raises CsvFormatError for a bad header.
         """
-        parsed = parse_csv(source, encoding=encoding)
-        return self._import(
-            list(parsed.records),
-            list(parsed.errors),
+        parsed = parse_csv(source, encoding=encoding, scheme=self._scheme)
+        return self.import_parsed(
+            parsed,
             batch_size=batch_size,
             progress=progress,
             dry_run=dry_run,
+            actor=actor,
+            before_insert=before_insert,
         )
 
-    def _import(
+    def import_parsed(
         self,
-        items: Sequence[tuple[int, DeviceRecord]],
-        errors: builtins.list[RowResult],
+        parsed: ParsedCsv,
         *,
-        batch_size: int,
-        progress: ProgressCallback | None,
-        dry_run: bool,
+        batch_size: int = 1000,
+        progress: ProgressCallback | None = None,
+        dry_run: bool = False,
+        actor: str = "registry",
+        before_insert: InsertHook | None = None,
     ) -> ImportReport:
+        """Import records already parsed (`parse_csv`, `parse_json_records`), with their row numbers."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        results = list(errors)
+        items = parsed.records
+        results = list(parsed.errors)
         total = len(items)
         version: int | None = None
+        aborted: str | None = None
         for start in range(0, total, batch_size):
             batch = items[start : start + batch_size]
             if dry_run:
                 with self._engine.connect() as conn:
                     results.extend(self._classify(conn, batch)[0])
             else:
-                with write_transaction(self._engine) as conn:
-                    version, written = self._write_batch(conn, batch)
+                try:
+                    with write_transaction(self._engine) as conn:
+                        version, written = self._write_batch(conn, batch, actor, before_insert)
+                except ImportAbortedError as exc:
+                    aborted = str(exc)
+                    results.extend(
+                        RowResult(row, record.device_id, "error", f"not imported: {exc}")
+                        for row, record in items[start:]
+                    )
+                    break
                 results.extend(written)
             if progress is not None:
                 progress(min(start + batch_size, total), total)
         if not dry_run and version is None:
             version = self.current_version()
         results.sort(key=lambda r: r.row)
-        return ImportReport(rows=tuple(results), dry_run=dry_run, version=None if dry_run else version)
+        return ImportReport(
+            rows=tuple(results), dry_run=dry_run, version=None if dry_run else version, aborted=aborted
+        )
 
     def _classify(
         self, conn: Connection, batch: Sequence[tuple[int, DeviceRecord]]
     ) -> tuple[builtins.list[RowResult], builtins.list[dict[str, Any]], builtins.list[dict[str, Any]]]:
+        """Outcome of each row against the stored devices; the rows to insert, and those to update (each
+        with the `_row` and `_diff` it came with)."""
         ids = [record.device_id for _, record in batch]
         stored = {
             row.device_id: row._mapping
             for row in conn.execute(
-                select(*(devices.c[name] for name in _RECORD_FIELDS)).where(devices.c.device_id.in_(ids))
+                select(devices.c.lifecycle, *(devices.c[name] for name in _RECORD_FIELDS)).where(
+                    devices.c.device_id.in_(ids)
+                )
             )
         }
         results: list[RowResult] = []
@@ -600,34 +1111,273 @@ class Registry:
             values = record.model_dump()
             old = stored.get(record.device_id)
             if old is None:
-                inserts.append(values)
+                inserts.append({**values, "_row": row})
                 results.append(RowResult(row, record.device_id, "created"))
+            elif old["lifecycle"] == "retired":
+                results.append(
+                    RowResult(row, record.device_id, "error", "device is retired: a retired id is not reused")
+                )
+            elif old["device_type"] != record.device_type:
+                results.append(
+                    RowResult(
+                        row,
+                        record.device_id,
+                        "error",
+                        f"device_type cannot change (registered as {old['device_type']}): "
+                        "retire the device and register a new id",
+                    )
+                )
             elif all(old[name] == values[name] for name in _RECORD_FIELDS):
                 results.append(RowResult(row, record.device_id, "unchanged"))
             else:
-                updates.append(values)
+                updates.append({**values, "_row": row, "_diff": _diff(dict(old), values)})
                 results.append(RowResult(row, record.device_id, "updated"))
         return results, inserts, updates
 
     def _write_batch(
-        self, conn: Connection, batch: Sequence[tuple[int, DeviceRecord]]
+        self,
+        conn: Connection,
+        batch: Sequence[tuple[int, DeviceRecord]],
+        actor: str,
+        before_insert: InsertHook | None,
     ) -> tuple[int, builtins.list[RowResult]]:
         version = _lock_version(conn)
         results, inserts, updates = self._classify(conn, batch)
+        if inserts and before_insert is not None:
+            records = dict(batch)
+            refused = before_insert([records[values["_row"]] for values in inserts])
+            if refused:
+                inserts = [v for v in inserts if v["device_id"] not in refused]
+                results = [
+                    RowResult(r.row, r.device_id, "error", refused[r.device_id])
+                    if r.outcome == "created" and r.device_id is not None and r.device_id in refused
+                    else r
+                    for r in results
+                ]
         if not inserts and not updates:
             return version, results
         version += 1
         now = self._clock()
+        events: list[tuple[str, str, dict[str, Any]]] = []
+        created_detail: dict[str, Any] = {"via": "import"}
+        if before_insert is not None:
+            created_detail["credentials"] = "issued"
         if inserts:
             for values in inserts:
+                del values["_row"]
                 values.update(created_at=now, updated_at=now, version=version)
+                events.append((values["device_id"], "created", created_detail))
             conn.execute(insert(devices), inserts)
         if updates:
             for values in updates:
+                del values["_row"]
+                events.append(
+                    (values["device_id"], "updated", {"via": "import", "changed": values.pop("_diff")})
+                )
                 values.update(match_device_id=values["device_id"], updated_at=now, version=version)
             conn.execute(_UPDATE_DEVICE, updates)
+        self._log(conn, events, actor=actor, version=version, at=now)
         _store_version(conn, version)
         return version, results
+
+    # -- changing one device ----------------------------------------------------------------------------
+
+    def update(self, device_id: str, changes: Mapping[str, Any], *, actor: str = "registry") -> Change:
+        """Change some of a device's fields (a JSON merge patch: a field set to None is cleared; in
+        `attributes`, a key set to None is removed, others are added or replaced).
+
+        The id and type cannot change (DeviceConflictError); a retired device cannot be changed. The
+        result is validated like a new record: pydantic's ValidationError names the bad fields.
+        """
+        unknown = set(changes) - set(_RECORD_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))}")
+
+        def patch(current: dict[str, Any]) -> dict[str, Any]:
+            merged = {**current, **{k: v for k, v in changes.items() if k != "attributes"}}
+            if "attributes" in changes:
+                attributes = dict(current["attributes"])
+                for key, value in (changes["attributes"] or {}).items():
+                    if value is None:
+                        attributes.pop(key, None)
+                    else:
+                        attributes[key] = value
+                merged["attributes"] = attributes
+            return merged
+
+        return self._change(device_id, patch, "updated", actor)
+
+    def move(self, device_id: str, place: Mapping[str, Any], *, actor: str = "registry") -> Change:
+        """Put a device in another place: `place` gives the new community and grid code and, optionally,
+        district, street, building, address, lat, lon; the place fields it does not give are cleared
+        (the old building or coordinates are wrong at the new place). The history keeps the old place.
+        """
+        unknown = set(place) - set(PLACE_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"not a place field: {', '.join(sorted(unknown))} (place: {', '.join(PLACE_FIELDS)})"
+            )
+
+        def relocate(current: dict[str, Any]) -> dict[str, Any]:
+            return {**current, **dict.fromkeys(PLACE_FIELDS), **place}
+
+        return self._change(device_id, relocate, "moved", actor)
+
+    def _change(
+        self,
+        device_id: str,
+        mutate: Callable[[dict[str, Any]], dict[str, Any]],
+        action: str,
+        actor: str,
+    ) -> Change:
+        with write_transaction(self._engine) as conn:
+            version = _lock_version(conn)
+            old = self._fetch(conn, device_id)
+            if old["lifecycle"] == "retired":
+                raise DeviceRetiredError(f"device {device_id!r} is retired and cannot be changed")
+            current = {name: old[name] for name in _RECORD_FIELDS}
+            current["attributes"] = dict(old["attributes"] or {})
+            data = mutate(current)
+            for fixed in ("device_id", "device_type"):
+                if data.get(fixed) != old[fixed]:
+                    raise DeviceConflictError(
+                        f"{fixed} cannot change (is {old[fixed]!r}): retire the device and register a new id"
+                    )
+            new = self.validate(data).model_dump()
+            diff = _diff(current, new)
+            if not diff:
+                return Change(_device_from_row(old), False)
+            version += 1
+            now = self._clock()
+            conn.execute(
+                _UPDATE_DEVICE, [{**new, "match_device_id": device_id, "updated_at": now, "version": version}]
+            )
+            self._log(conn, [(device_id, action, {"changed": diff})], actor=actor, version=version, at=now)
+            _store_version(conn, version)
+            return Change(_device_from_row(self._fetch(conn, device_id)), True)
+
+    def disable(self, device_id: str, *, actor: str = "registry") -> Change:
+        """`disabled`: the gateway sets its messages aside. A retired device cannot be disabled."""
+        return self._transition(device_id, lambda old, conn: "disabled", "disabled", actor)
+
+    def enable(self, device_id: str, *, actor: str = "registry") -> Change:
+        """Back from `disabled` to where it was: in service if it had been, online if it was ever heard
+        from, registered otherwise. Enabling a device that is not disabled changes nothing."""
+
+        def target(old: RowMapping, conn: Connection) -> str:
+            if old["lifecycle"] != "disabled":
+                return str(old["lifecycle"])
+            if old["in_service_at"] is not None:
+                return "in_service"
+            heard = conn.execute(
+                select(device_state.c.last_seen).where(device_state.c.device_id == device_id)
+            ).scalar_one_or_none()
+            return "online" if heard is not None else "registered"
+
+        return self._transition(device_id, target, "enabled", actor)
+
+    def retire(self, device_id: str, *, actor: str = "registry") -> Change:
+        """`retired`, for good: the id stays (with its history) and is never reused."""
+        return self._transition(device_id, lambda old, conn: "retired", "retired", actor, retired_ok=True)
+
+    def confirm(self, device_id: str, *, actor: str = "registry") -> Change:
+        """An installer's confirmation that the device works where it is: `in_service` (from registered or
+        online). A disabled or retired device cannot be confirmed (DeviceConflictError)."""
+
+        def target(old: RowMapping, conn: Connection) -> str:
+            if old["lifecycle"] == "disabled":
+                raise DeviceConflictError(f"device {device_id!r} is disabled: enable it before confirming it")
+            return "in_service"
+
+        return self._transition(device_id, target, "confirmed", actor)
+
+    def _transition(
+        self,
+        device_id: str,
+        target: Callable[[RowMapping, Connection], str],
+        action: str,
+        actor: str,
+        *,
+        retired_ok: bool = False,
+    ) -> Change:
+        with write_transaction(self._engine) as conn:
+            version = _lock_version(conn)
+            old = self._fetch(conn, device_id)
+            if old["lifecycle"] == "retired":
+                if retired_ok:
+                    return Change(_device_from_row(old), False)
+                raise DeviceRetiredError(f"device {device_id!r} is retired: nothing can be done with it")
+            lifecycle = target(old, conn)
+            if lifecycle == old["lifecycle"]:
+                return Change(_device_from_row(old), False)
+            version += 1
+            now = self._clock()
+            values: dict[str, Any] = {"lifecycle": lifecycle, "updated_at": now, "version": version}
+            if lifecycle == "in_service" and old["in_service_at"] is None:
+                values["in_service_at"] = now
+            conn.execute(update(devices).where(devices.c.device_id == device_id).values(**values))
+            detail = {"from": old["lifecycle"], "to": lifecycle}
+            self._log(conn, [(device_id, action, detail)], actor=actor, version=version, at=now)
+            _store_version(conn, version)
+            return Change(_device_from_row(self._fetch(conn, device_id)), True)
+
+    @staticmethod
+    def _fetch(conn: Connection, device_id: str) -> RowMapping:
+        row = conn.execute(select(*_FULL_COLUMNS).where(devices.c.device_id == device_id)).first()
+        if row is None:
+            raise DeviceNotFoundError(f"device {device_id!r} is not registered")
+        return row._mapping
+
+    def note(
+        self, device_id: str, action: str, detail: Mapping[str, Any] | None = None, *, actor: str
+    ) -> None:
+        """Add an entry to a device's history for something done outside the registry (credentials
+        issued or rotated); the version does not change."""
+        with self._engine.begin() as conn:
+            self._log(
+                conn, [(device_id, action, dict(detail or {}))], actor=actor, version=None, at=self._clock()
+            )
+
+    @staticmethod
+    def _log(
+        conn: Connection,
+        events: Sequence[tuple[str, str, Mapping[str, Any]]],
+        *,
+        actor: str,
+        version: int | None,
+        at: dt.datetime,
+    ) -> None:
+        if events:
+            conn.execute(
+                insert(device_events),
+                [
+                    {
+                        "device_id": d,
+                        "at": at,
+                        "action": a,
+                        "actor": actor,
+                        "version": version,
+                        "detail": dict(x),
+                    }
+                    for d, a, x in events
+                ],
+            )
+
+    def history(self, device_id: str, *, limit: int = 100) -> builtins.list[DeviceEvent]:
+        """The device's history, newest first."""
+        stmt = (
+            select(device_events)
+            .where(device_events.c.device_id == device_id)
+            .order_by(device_events.c.id.desc())
+            .limit(limit)
+        )
+        with self._engine.connect() as conn:
+            return [
+                DeviceEvent(**{**row._mapping, "detail": MappingProxyType(row.detail or {})})
+                for row in conn.execute(stmt)
+            ]
+
+    # -- reading --------------------------------------------------------------------------------------
 
     def get(self, device_id: str) -> DeviceInfo | None:
         with self._engine.connect() as conn:
@@ -647,27 +1397,148 @@ class Registry:
         community: str | None = None,
         grid_code: str | None = None,
         lifecycle: str | None = None,
+        batch: str | None = None,
+        communities: Sequence[str] | None = None,
         limit: int | None = None,
         offset: int = 0,
     ) -> builtins.list[RegisteredDevice]:
-        """Devices matching all the given filters, by device id."""
+        """Devices matching all the given filters, by device id. `communities` limits to those (a scope)."""
         stmt = select(*_FULL_COLUMNS).order_by(devices.c.device_id).offset(offset).limit(limit)
-        for column, value in (
-            (devices.c.device_type, device_type),
-            (devices.c.community, community),
-            (devices.c.grid_code, grid_code),
-            (devices.c.lifecycle, lifecycle),
-        ):
-            if value is not None:
-                stmt = stmt.where(column == value)
+        stmt = stmt.where(*_filters(device_type, community, grid_code, lifecycle, batch, communities))
         with self._engine.connect() as conn:
             return [_device_from_row(row._mapping) for row in conn.execute(stmt)]
 
-    def count(self) -> int:
+    def count(
+        self,
+        *,
+        device_type: str | None = None,
+        community: str | None = None,
+        grid_code: str | None = None,
+        lifecycle: str | None = None,
+        batch: str | None = None,
+        communities: Sequence[str] | None = None,
+    ) -> int:
+        """How many devices `list` would give without limit."""
+        stmt = select(func.count()).select_from(devices)
+        stmt = stmt.where(*_filters(device_type, community, grid_code, lifecycle, batch, communities))
         with self._engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(devices)).scalar_one())
+            return int(conn.execute(stmt).scalar_one())
 
-    def set_lifecycle(self, device_id: str, lifecycle: Lifecycle) -> bool:
+    def iter_devices(
+        self, *, page_size: int = 2000, communities: Sequence[str] | None = None
+    ) -> Iterator[RegisteredDevice]:
+        """Every device by id, read page by page (a short read per page, so an export does not hold a
+        connection or the whole registry in memory)."""
+        after: str | None = None
+        while True:
+            stmt = select(*_FULL_COLUMNS).order_by(devices.c.device_id).limit(page_size)
+            stmt = stmt.where(*_filters(None, None, None, None, None, communities))
+            if after is not None:
+                stmt = stmt.where(devices.c.device_id > after)
+            with self._engine.connect() as conn:
+                page = [_device_from_row(row._mapping) for row in conn.execute(stmt)]
+            yield from page
+            if len(page) < page_size:
+                return
+            after = page[-1].device_id
+
+    def attribute_names(self, *, communities: Sequence[str] | None = None) -> builtins.list[str]:
+        """Every attribute name any device has, sorted (the `attr.` columns of an export)."""
+        names: set[str] = set()
+        stmt = select(devices.c.attributes).where(*_filters(None, None, None, None, None, communities))
+        with self._engine.connect() as conn:
+            for (attributes,) in conn.execute(stmt.execution_options(yield_per=5000)):
+                names.update(attributes or {})
+        return sorted(names)
+
+    def export_csv(self, out: IO[str], *, communities: Sequence[str] | None = None) -> int:
+        """Write every device in the import format (module docstring); returns how many.
+
+        Importing the file again reports every row unchanged.
+        """
+        attrs = self.attribute_names(communities=communities)
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow([*EXPORT_COLUMNS, *(ATTRIBUTE_PREFIX + a for a in attrs)])
+        n = 0
+        for device in self.iter_devices(communities=communities):
+            writer.writerow(export_row(device, attrs))
+            n += 1
+        return n
+
+    def commissioning(
+        self,
+        *,
+        community: str | None = None,
+        batch: str | None = None,
+        grid_code: str | None = None,
+        device_type: str | None = None,
+        communities: Sequence[str] | None = None,
+        limit: int = 1000,
+    ) -> Commissioning:
+        """Counts per lifecycle for the selection, and each device's progress (those not yet in service
+        first, never heard from before heard from, then by id; at most `limit`)."""
+        where = _filters(device_type, community, grid_code, None, batch, communities)
+        d, s = devices, device_state
+        joined = d.outerjoin(s, s.c.device_id == d.c.device_id)
+        counts_stmt = select(d.c.lifecycle, func.count()).where(*where).group_by(d.c.lifecycle)
+        silent_stmt = select(func.count()).select_from(joined).where(*where, s.c.last_seen.is_(None))
+        rank = (d.c.lifecycle == "in_service") | (d.c.lifecycle == "retired")
+        stmt = (
+            select(
+                d.c.device_id,
+                d.c.device_type,
+                d.c.lifecycle,
+                d.c.community,
+                d.c.grid_code,
+                d.c.building,
+                d.c.batch,
+                s.c.online,
+                s.c.last_seen,
+                s.c.fw,
+                s.c.last_topic,
+                s.c.last_payload,
+                s.c.seen_fields,
+            )
+            .select_from(joined)
+            .where(*where)
+            .order_by(rank, s.c.last_seen.is_not(None), d.c.device_id)
+            .limit(limit)
+        )
+        with self._engine.connect() as conn:
+            counts = dict.fromkeys(LIFECYCLES, 0)
+            counts.update({lc: int(n) for lc, n in conn.execute(counts_stmt)})
+            silent = int(conn.execute(silent_stmt).scalar_one())
+            rows = conn.execute(stmt).all()
+        progress = []
+        for r in rows:
+            seen = tuple(sorted(r.seen_fields or ()))
+            model = THING_MODELS.get(r.device_type)
+            required = model.commissioning_fields if model is not None else ()
+            progress.append(
+                DeviceProgress(
+                    device_id=r.device_id,
+                    device_type=r.device_type,
+                    lifecycle=r.lifecycle,
+                    community=r.community,
+                    grid_code=r.grid_code,
+                    building=r.building,
+                    batch=r.batch,
+                    online=r.online,
+                    last_seen=r.last_seen,
+                    fw=r.fw,
+                    last_topic=r.last_topic,
+                    last_payload=r.last_payload,
+                    seen_fields=seen,
+                    missing_fields=tuple(f for f in required if f not in seen),
+                )
+            )
+        return Commissioning(
+            total=sum(counts.values()), counts=counts, not_heard_from=silent, devices=tuple(progress)
+        )
+
+    # -- lifecycle, by the gateway ----------------------------------------------------------------------
+
+    def set_lifecycle(self, device_id: str, lifecycle: Lifecycle, *, actor: str = "registry") -> bool:
         """Move a device to `lifecycle`. Returns False if it was already there (no version bump).
 
         Raises DeviceNotFoundError, or ValueError for an unknown lifecycle.
@@ -683,11 +1554,14 @@ class Registry:
                 raise DeviceNotFoundError(f"device {device_id!r} is not registered")
             if current == lifecycle:
                 return False
+            now = self._clock()
             conn.execute(
                 update(devices)
                 .where(devices.c.device_id == device_id)
-                .values(lifecycle=lifecycle, updated_at=self._clock(), version=version)
+                .values(lifecycle=lifecycle, updated_at=now, version=version)
             )
+            detail = {"from": current, "to": lifecycle}
+            self._log(conn, [(device_id, "lifecycle", detail)], actor=actor, version=version, at=now)
             _store_version(conn, version)
             return True
 
@@ -710,11 +1584,14 @@ class Registry:
             moved = sorted(conn.execute(pending).scalars())
             if not moved:
                 return []
+            now = self._clock()
             conn.execute(
                 update(devices)
                 .where(devices.c.device_id.in_(moved), devices.c.lifecycle == "registered")
-                .values(lifecycle="online", updated_at=self._clock(), version=version)
+                .values(lifecycle="online", updated_at=now, version=version)
             )
+            events = [(d, "online", {"from": "registered", "to": "online"}) for d in moved]
+            self._log(conn, events, actor="gateway", version=version, at=now)
             _store_version(conn, version)
             return moved
 
@@ -728,21 +1605,27 @@ class Registry:
         if not ids:
             return []
         with write_transaction(self._engine) as conn:
-            pending = select(devices.c.device_id).where(
+            version = _lock_version(conn) + 1
+            pending = select(devices.c.device_id, devices.c.lifecycle).where(
                 devices.c.device_id.in_(ids), devices.c.lifecycle.in_(("registered", "online"))
             )
-            moved = sorted(conn.execute(pending).scalars())
+            before = dict(conn.execute(pending).tuples().all())
+            moved = sorted(before)
             if not moved:
                 return []
-            version = _lock_version(conn) + 1
             now = self._clock()
             conn.execute(
                 update(devices)
                 .where(devices.c.device_id.in_(moved), devices.c.lifecycle.in_(("registered", "online")))
                 .values(lifecycle="in_service", in_service_at=now, updated_at=now, version=version)
             )
+            action = "in_service" if by == "gateway" else "confirmed"
+            events = [(d, action, {"from": before[d], "to": "in_service"}) for d in moved]
+            self._log(conn, events, actor=by, version=version, at=now)
             _store_version(conn, version)
             return moved
+
+    # -- the gateway's cache ----------------------------------------------------------------------------
 
     def current_version(self) -> int:
         with self._engine.connect() as conn:
@@ -763,6 +1646,49 @@ class Registry:
             return {
                 row.device_id: _info_from_row(row._mapping) for row in conn.execute(select(*_INFO_COLUMNS))
             }
+
+
+def _filters(
+    device_type: str | None,
+    community: str | None,
+    grid_code: str | None,
+    lifecycle: str | None,
+    batch: str | None,
+    communities: Sequence[str] | None,
+) -> builtins.list[ColumnElement[bool]]:
+    out: list[ColumnElement[bool]] = []
+    for column, value in (
+        (devices.c.device_type, device_type),
+        (devices.c.community, community),
+        (devices.c.grid_code, grid_code),
+        (devices.c.lifecycle, lifecycle),
+        (devices.c.batch, batch),
+    ):
+        if value is not None:
+            out.append(column == value)
+    if communities is not None:
+        out.append(devices.c.community.in_(list(communities)))
+    return out
+
+
+EXPORT_COLUMNS: Final = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
+
+
+def export_row(device: RegisteredDevice, attribute_names: Sequence[str]) -> builtins.list[str]:
+    """A device as a CSV row of EXPORT_COLUMNS then `attr.<name>` columns (empty cell = not set)."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, dt.date):
+            return value.isoformat()
+        return str(value)
+
+    return [cell(getattr(device, c)) for c in EXPORT_COLUMNS] + [
+        cell(device.attributes.get(a)) for a in attribute_names
+    ]
 
 
 class RegistryCache:
@@ -829,3 +1755,254 @@ class RegistryCache:
                 self._devices[info.device_id] = info
             self._version = version
             return len(changed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Places and responsible units
+
+PlaceLevel: TypeAlias = Literal["district", "street", "community", "grid"]
+assert get_args(PlaceLevel) == PLACE_LEVELS
+
+#: A place's level by the length of its code (module docstring).
+PLACE_CODE_LENGTHS: Final[Mapping[int, str]] = MappingProxyType(
+    {6: "district", 9: "street", 12: "community", 14: "grid", 15: "grid"}
+)
+_PARENT_CODE_LENGTH: Final = {"street": 6, "community": 9, "grid": 12}
+_UNIT_ID_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+class PlaceExistsError(RegistryError):
+    """A place with that code is already registered."""
+
+
+class PlaceNotFoundError(RegistryError):
+    """No place has that code."""
+
+
+class PlaceParentError(RegistryError):
+    """The place's parent (the prefix of its code) is not registered."""
+
+
+class UnitExistsError(RegistryError):
+    """A responsible unit with that id or name is already registered."""
+
+
+class UnitNotFoundError(RegistryError):
+    """No responsible unit has that id."""
+
+
+def place_level(code: str) -> str:
+    """district, street, community or grid by the code's length; ValueError if it is none of them."""
+    if not _DIGITS_RE.fullmatch(code) or len(code) not in PLACE_CODE_LENGTHS:
+        raise ValueError("must be 6 (district), 9 (street), 12 (community), 15 or 14 (grid) digits")
+    return PLACE_CODE_LENGTHS[len(code)]
+
+
+def parent_place_code(code: str) -> str | None:
+    """The code of the place's parent: its code's first 6, 9 or 12 digits (None for a district)."""
+    length = _PARENT_CODE_LENGTH.get(place_level(code))
+    return None if length is None else code[:length]
+
+
+class PlaceRecord(BaseModel):
+    """A place as an installer or the city enters it. `level` and `parent_code` follow from the code:
+    when given they must agree with it."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    code: str
+    name: str = Field(min_length=1, max_length=128)
+    level: PlaceLevel | None = None
+    parent_code: str | None = None
+
+    @field_validator("code", mode="before")
+    @classmethod
+    def _code_as_text(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @field_validator("code")
+    @classmethod
+    def _check_code(cls, value: str) -> str:
+        place_level(value)
+        return value
+
+    @model_validator(mode="after")
+    def _derive(self) -> PlaceRecord:
+        level = place_level(self.code)
+        if self.level is not None and self.level != level:
+            raise ValueError(
+                f"code {self.code} is a {level} code ({len(self.code)} digits), not a {self.level}"
+            )
+        parent = parent_place_code(self.code)
+        if self.parent_code is not None and self.parent_code != parent:
+            expected = (
+                "none (a district has no parent)"
+                if parent is None
+                else f"{parent}, the code's first {len(parent)} digits"
+            )
+            raise ValueError(
+                f"parent_code {self.parent_code} does not fit code {self.code}: expected {expected}"
+            )
+        self.level = level  # type: ignore[assignment]
+        self.parent_code = parent
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    code: str
+    level: str
+    name: str
+    parent_code: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self.__slots__}
+        out["created_at"] = self.created_at.isoformat()
+        out["updated_at"] = self.updated_at.isoformat()
+        return out
+
+
+class Places:
+    """The place hierarchy (district → street → community → grid) in SQL."""
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], dt.datetime] = _utcnow) -> None:
+        self._engine = engine
+        self._clock = clock
+
+    def add(self, record: PlaceRecord) -> Place:
+        """Register a place; its parent must be registered first (PlaceParentError), its code free
+        (PlaceExistsError)."""
+        now = self._clock()
+        with write_transaction(self._engine) as conn:
+            if conn.execute(select(places.c.code).where(places.c.code == record.code)).first() is not None:
+                raise PlaceExistsError(f"place {record.code} is already registered")
+            if record.parent_code is not None:
+                parent = conn.execute(
+                    select(places.c.level).where(places.c.code == record.parent_code)
+                ).scalar_one_or_none()
+                if parent is None:
+                    wanted = PLACE_LEVELS[PLACE_LEVELS.index(str(record.level)) - 1]
+                    raise PlaceParentError(
+                        f"the parent {wanted} {record.parent_code} of {record.level} {record.code} "
+                        f"is not registered: add it first"
+                    )
+            conn.execute(
+                insert(places),
+                [
+                    {
+                        "code": record.code,
+                        "level": record.level,
+                        "name": record.name,
+                        "parent_code": record.parent_code,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                ],
+            )
+        place = self.get(record.code)
+        assert place is not None
+        return place
+
+    def get(self, code: str) -> Place | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(select(places).where(places.c.code == code)).first()
+        return None if row is None else Place(**row._mapping)
+
+    def list(
+        self,
+        *,
+        level: str | None = None,
+        parent_code: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> builtins.list[Place]:
+        """Places by code (so a parent comes before its children)."""
+        stmt = select(places).order_by(places.c.code).offset(offset).limit(limit)
+        if level is not None:
+            stmt = stmt.where(places.c.level == level)
+        if parent_code is not None:
+            stmt = stmt.where(places.c.parent_code == parent_code)
+        with self._engine.connect() as conn:
+            return [Place(**row._mapping) for row in conn.execute(stmt)]
+
+
+class ResponsibleUnitRecord(BaseModel):
+    """A unit that acts on devices (权属/养护单位): a water company, the street, a property manager."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    unit_id: str
+    name: str = Field(min_length=1, max_length=128)
+    kind: str | None = Field(default=None, max_length=32)
+    contact: str | None = Field(default=None, max_length=256)
+
+    @field_validator("unit_id")
+    @classmethod
+    def _check_unit_id(cls, value: str) -> str:
+        if not _UNIT_ID_RE.fullmatch(value):
+            raise ValueError("must be 1 to 64 characters of A-Z a-z 0-9 _ . -")
+        return value
+
+    @field_validator("kind", "contact", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsibleUnit:
+    unit_id: str
+    name: str
+    kind: str | None
+    contact: str | None
+    created_at: dt.datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self.__slots__}
+        out["created_at"] = self.created_at.isoformat()
+        return out
+
+
+class ResponsibleUnits:
+    """Responsible units in SQL. Devices name theirs in `responsible_unit` (the unit's name)."""
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], dt.datetime] = _utcnow) -> None:
+        self._engine = engine
+        self._clock = clock
+
+    def add(self, record: ResponsibleUnitRecord) -> ResponsibleUnit:
+        """Register a unit; its id and its name must both be free (UnitExistsError)."""
+        with write_transaction(self._engine) as conn:
+            clash = conn.execute(
+                select(responsible_units.c.unit_id, responsible_units.c.name).where(
+                    (responsible_units.c.unit_id == record.unit_id)
+                    | (responsible_units.c.name == record.name)
+                )
+            ).first()
+            if clash is not None:
+                what = (
+                    f"id {record.unit_id!r}" if clash.unit_id == record.unit_id else f"name {record.name!r}"
+                )
+                raise UnitExistsError(f"a responsible unit with {what} is already registered")
+            conn.execute(insert(responsible_units), [{**record.model_dump(), "created_at": self._clock()}])
+        unit = self.get(record.unit_id)
+        assert unit is not None
+        return unit
+
+    def get(self, unit_id: str) -> ResponsibleUnit | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                select(responsible_units).where(responsible_units.c.unit_id == unit_id)
+            ).first()
+        return None if row is None else ResponsibleUnit(**row._mapping)
+
+    def list(self, *, kind: str | None = None) -> builtins.list[ResponsibleUnit]:
+        stmt = select(responsible_units).order_by(responsible_units.c.unit_id)
+        if kind is not None:
+            stmt = stmt.where(responsible_units.c.kind == kind)
+        with self._engine.connect() as conn:
+            return [ResponsibleUnit(**row._mapping) for row in conn.execute(stmt)]

@@ -601,7 +601,8 @@ def test_import_100k_devices_and_load_them_all_into_the_cache(tmp_path: Path) ->
                     "东城区",
                     f"街道-{i % 15}",
                     "物业",
-                    f"3205080101{i:06d}",
+                    # a streetlight's component class is 0118 路灯, a cover's 0101 上水井盖
+                    f"320508{'0118' if DEVICE_TYPES[i % 5] == 'streetlight' else '0101'}{i:06d}",
                 ]
             )
     migrate(url)
