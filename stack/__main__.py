@@ -9,6 +9,7 @@ the first run and kept under .var/mosquitto/accounts/; the broker's admin is in 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -57,6 +58,25 @@ def _scrape(port: int) -> str:
             return str(r.read().decode())
     except OSError:
         return ""
+
+
+def _installer_key(cli: list[str], env: dict[str, str]) -> str:
+    """An installer API key for the person at the keyboard: made on the first run, kept 0600 in .var/."""
+    path = VAR / "installer.key"
+    if path.exists():
+        return path.read_text().strip()
+    out = subprocess.run(
+        [*cli, "apikeys", "create", "--name", "local installer", "--role", "installer", "--json"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    key = str(json.loads(out)["key"])
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
 
 
 def up(args: argparse.Namespace) -> int:
@@ -110,6 +130,19 @@ def up(args: argparse.Namespace) -> int:
         procs.append(
             subprocess.Popen([*cli, "run"], env=env, stdout=gw_log, stderr=gw_log, start_new_session=True)
         )
+        print("==> starting the API", flush=True)
+        api_port = _port(args.api_port)
+        api_key = _installer_key(cli, env)
+        api_log = open(VAR / "api.log", "ab")  # noqa: SIM115
+        procs.append(
+            subprocess.Popen(
+                [*cli, "api", "--port", str(api_port)],
+                env=dict(env, SC_MQTT_ADMIN_FILE=str(VAR / "mosquitto" / "admin.json")),
+                stdout=api_log,
+                stderr=api_log,
+                start_new_session=True,
+            )
+        )
         if not args.no_sim:
             sim_log = open(VAR / "simulator.log", "ab")  # noqa: SIM115
             procs.append(
@@ -148,11 +181,15 @@ Running (all on 127.0.0.1; data under {VAR}):
   InfluxDB   http://127.0.0.1:{influx_port}      database "sc"
   Gateway    metrics http://127.0.0.1:{metrics_port}/metrics   log {VAR / "gateway.log"}
   Simulator  {sim_desc}   log {VAR / "simulator.log"}
+  API        http://127.0.0.1:{api_port}/docs      log {VAR / "api.log"}
+             installer key (also in {VAR / "installer.key"}): {api_key}
 
 Look at it:
   {influx_cli} -execute 'SELECT * FROM streetlight ORDER BY time DESC LIMIT 5'
   SC_DATABASE_URL={db_url} .venv/bin/sc-gateway devices list
   SC_DATABASE_URL={db_url} .venv/bin/sc-gateway deadletters counts
+  curl -s -H "Authorization: Bearer $(cat {VAR / "installer.key"})" \\
+      'http://127.0.0.1:{api_port}/api/v1/commissioning' | python3 -m json.tool | head -40
   mosquitto_sub -p {mq_port} -t 'sc/v1/#' -v -u {broker.admin_username} \\
       -P <the "password" in {VAR / "mosquitto" / "admin.json"}>
 Ctrl-C stops everything.
@@ -209,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--mqtt-port", type=int, default=1883)
     u.add_argument("--influx-port", type=int, default=8086)
     u.add_argument("--metrics-port", type=int, default=9108)
+    u.add_argument("--api-port", type=int, default=8080)
     u.add_argument("--workers", type=int, default=1)
     u.add_argument("--seed", type=int, default=1, help="simulated community seed")
     u.add_argument("--interval", type=float, default=5.0, help="seconds between a simulated device's reports")
