@@ -28,6 +28,7 @@ from stack.services import (
     free_port,
     start_influxdb,
     start_mosquitto,
+    start_postgres,
 )
 
 VAR = REPO_ROOT / ".var"
@@ -100,7 +101,13 @@ def up(args: argparse.Namespace) -> int:
         services.append(start_influxdb(VAR / "influxdb", influx_port))
         gateway_account = broker.gateway_account
         simulator_account = broker.account(SIMULATOR_ACCOUNT, ADAPTOR_ROLE)
-        db_url = f"sqlite:///{VAR / 'registry.db'}"
+        if args.postgres:
+            print("==> starting PostgreSQL (registry, dead letters, device state)", flush=True)
+            pg = start_postgres(VAR / "postgres", _port(args.postgres_port))
+            services.append(pg)
+            db_url = pg.dsn
+        else:
+            db_url = f"sqlite:///{VAR / 'registry.db'}"
         metrics_port = _port(args.metrics_port)
         env = dict(
             os.environ,
@@ -247,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--influx-port", type=int, default=8086)
     u.add_argument("--metrics-port", type=int, default=9108)
     u.add_argument("--api-port", type=int, default=8080)
+    u.add_argument("--postgres", action="store_true", help="keep the registry in PostgreSQL, not SQLite")
+    u.add_argument("--postgres-port", type=int, default=5433)
     u.add_argument("--workers", type=int, default=1)
     u.add_argument("--seed", type=int, default=1, help="simulated community seed")
     u.add_argument("--interval", type=float, default=5.0, help="seconds between a simulated device's reports")

@@ -292,7 +292,9 @@ def now_ms() -> int:
 class Harness:
     """A registry, an InfluxDB database and the gateway processes of one test."""
 
-    def __init__(self, workdir: Path, broker: MosquittoService, influx: InfluxService) -> None:
+    def __init__(
+        self, workdir: Path, broker: MosquittoService, influx: InfluxService, db_url: str | None = None
+    ) -> None:
         self.workdir = workdir
         self.broker = broker
         self.influx = influx
@@ -300,7 +302,7 @@ class Harness:
         self.influx_db = f"it_{token}"
         self.share_group = f"it-{token}"
         self.instance = f"it-{token}"
-        self.db_url = f"sqlite:///{workdir / 'reg.db'}"
+        self.db_url = db_url or f"sqlite:///{workdir / 'reg.db'}"
         migrate(self.db_url)  # before any gateway starts, like `sc-gateway db migrate` in a deployment
         self.engine: Engine = make_engine(self.db_url)
         self.registry = Registry(self.engine)
@@ -442,10 +444,10 @@ def make_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cal
     made: list[Harness] = []
     request.node.stash[_HARNESSES] = made
 
-    def make(broker: MosquittoService, influx: InfluxService) -> Harness:
+    def make(broker: MosquittoService, influx: InfluxService, db_url: str | None = None) -> Harness:
         workdir = tmp_path / f"h{len(made)}"
         workdir.mkdir()
-        h = Harness(workdir, broker, influx)
+        h = Harness(workdir, broker, influx, db_url)
         made.append(h)
         return h
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 
+from stack.services import InfluxService, MosquittoService, PostgresService
 from tests.integration.conftest import Harness, community_rows, now_ms, topic, wait_for
 
 
@@ -64,4 +66,38 @@ def test_a_device_never_heard_from_stays_registered(harness: Harness) -> None:
     )
     assert harness.registry.get(quiet["device_id"]).lifecycle == "registered"  # type: ignore[union-attr]
     assert harness.states.get(quiet["device_id"]) is None
+    pub.close()
+
+
+def test_the_gateway_keeps_its_sql_state_in_postgresql(
+    make_harness: Callable[..., Harness],
+    mosquitto: MosquittoService,
+    influxdb: InfluxService,
+    postgres: PostgresService,
+) -> None:
+    """Registry, dead letters, liveness and commissioning on PostgreSQL, through a real gateway process."""
+    url = postgres.create_database(f"gw_{uuid.uuid4().hex[:10]}")
+    harness = make_harness(mosquitto, influxdb, url)
+    (detector,) = community_rows(_slug(), detectors=1)
+    device_id = detector["device_id"]
+    harness.register([detector])
+    harness.start_gateway()
+    pub = harness.publisher()
+    ts = now_ms()
+    pub.send(topic(detector), {"ts": ts, "seq": 1, "alarm": False, "battery_pct": 66.0})
+    pub.send(topic(detector), {"ts": ts + 1, "seq": 2, "alarm": "no"})  # wrong type: dead letter
+    harness.wait_points("smoke_detector", device_id, 1)
+    wait_for(
+        lambda: harness.registry.get(device_id).lifecycle,  # type: ignore[union-attr]
+        lambda lc: lc == "in_service",
+        what="the detector to go in service (state in PostgreSQL)",
+    )
+    letters = wait_for(
+        lambda: harness.deadletters.recent(device_id=device_id),
+        lambda rows: len(rows) == 1,
+        what="the bad message in PostgreSQL's dead-letter table",
+    )
+    assert letters[0].reason == "wrong_type"
+    state = harness.states.get(device_id)
+    assert state is not None and state.online is True
     pub.close()
