@@ -55,9 +55,21 @@ def _decode_publish(
     )
 
 
+class _NoFilteredCallbacks:
+    """Stands in for paho's topic matcher of per-topic callbacks, which we never register: paho walks
+    it for every message."""
+
+    def iter_match(self, topic: str) -> tuple[()]:
+        return ()
+
+    def __setitem__(self, key: str, value: object) -> None:
+        raise RuntimeError("per-topic callbacks are not used by the gateway")
+
+
 def tune(paho: Client) -> None:
     """Install buffered reads on a paho client (before it connects), and the faster PUBLISH decoder."""
     _packet.decode_publish = _decode_publish
+    paho._on_message_filtered = _NoFilteredCallbacks()  # type: ignore[assignment]
     state: dict[str, Any] = {"buf": b"", "pos": 0}
     sock_recv = paho._sock_recv
     loop_read = paho.loop_read
