@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from devices import DEVICE_ID_RE, MAX_PAYLOAD_BYTES, THING_MODELS
-from devices.model import STATUS_ADAPTER
+from devices.model import STATUS_ADAPTER, ThingModel
 from gateway.messages import DeviceLike, Duplicate, Outcome, RawMessage, Reading, Reason, Rejection
 
 _CREDENTIAL_RE = re.compile(rb'("credential"\s*:\s*")((?:[^"\\\\]|\\\\.)*)(")')
@@ -102,6 +102,7 @@ class Decoder:
     """Turns raw messages into readings. Holds only in-memory state: the recent `seq` window per device."""
 
     SEQ_WINDOW = 8
+    TOPIC_CACHE = 400_000
 
     def __init__(
         self,
@@ -119,6 +120,7 @@ class Decoder:
         self._past = past_tolerance_ms
         # device_id -> {seq: device ts or None}; a few recent entries, insertion ordered
         self._seen: dict[str, dict[int, int | None]] = {}
+        self._topics: dict[str, tuple[str, str, str, ThingModel]] = {}
         self.skewed = 0
 
     def decode(self, raw: RawMessage) -> Outcome:
@@ -144,17 +146,13 @@ class Decoder:
         return replace(rej, raw=replace(rej.raw, payload=payload), detail=detail)
 
     def _decode(self, raw: RawMessage) -> Outcome:
-        parts = raw.topic.split("/")
-        if len(parts) != 5 or parts[0] != "sc" or parts[1] != "v1" or parts[4] not in TOPIC_KINDS:
-            return Rejection(
-                raw, Reason.BAD_TOPIC, f"topic {raw.topic!r} is not sc/v1/{{type}}/{{id}}/{{kind}}"
-            )
-        _, _, dtype, device_id, kind = parts
-        model = THING_MODELS.get(dtype)
-        if model is None:
-            return Rejection(raw, Reason.UNKNOWN_TYPE, f"unknown device type {dtype!r}", device_id, dtype)
-        if not DEVICE_ID_RE.match(device_id):
-            return Rejection(raw, Reason.BAD_TOPIC, f"device id {device_id!r} is not 1-64 of A-Za-z0-9_-")
+        cached = self._topics.get(raw.topic)
+        if cached is None:
+            parsed = self._parse_topic(raw)
+            if isinstance(parsed, Rejection):
+                return parsed
+            cached = parsed
+        dtype, device_id, kind, model = cached
         if len(raw.payload) > self._max:
             return Rejection(
                 raw,
@@ -243,6 +241,24 @@ class Decoder:
         window = self._seen.get(device_id)
         if window is not None:
             window.pop(seq, None)
+
+    def _parse_topic(self, raw: RawMessage) -> tuple[str, str, str, ThingModel] | Rejection:
+        """Split and check a topic; good ones are remembered (a device uses the same few topics)."""
+        parts = raw.topic.split("/")
+        if len(parts) != 5 or parts[0] != "sc" or parts[1] != "v1" or parts[4] not in TOPIC_KINDS:
+            return Rejection(
+                raw, Reason.BAD_TOPIC, f"topic {raw.topic!r} is not sc/v1/{{type}}/{{id}}/{{kind}}"
+            )
+        _, _, dtype, device_id, kind = parts
+        model = THING_MODELS.get(dtype)
+        if model is None:
+            return Rejection(raw, Reason.UNKNOWN_TYPE, f"unknown device type {dtype!r}", device_id, dtype)
+        if not DEVICE_ID_RE.match(device_id):
+            return Rejection(raw, Reason.BAD_TOPIC, f"device id {device_id!r} is not 1-64 of A-Za-z0-9_-")
+        if len(self._topics) >= self.TOPIC_CACHE:
+            self._topics.clear()  # bounded: a flood of random topics cannot grow it without limit
+        parsed = self._topics[raw.topic] = (dtype, device_id, kind, model)
+        return parsed
 
     def _is_duplicate(self, device_id: str, seq: int, ts_ms: int | None) -> bool:
         """Same seq with the same device time seen recently: a QoS 1 redelivery or a device resend.
