@@ -343,3 +343,17 @@ def test_rejected_access_event_keeps_no_raw_credential() -> None:
         assert isinstance(out, Rejection)
         assert b"card-123456" not in out.raw.payload and "card-123456" not in out.detail
         assert b'"credential":"hash:' in out.raw.payload
+
+
+def test_the_topic_cache_is_bounded_and_still_rejects_bad_topics() -> None:
+    from gateway.decode import Decoder
+    from gateway.messages import RawMessage, Reason, Rejection
+
+    dec = Decoder({}.get, credential_key=b"k")
+    dec.TOPIC_CACHE = 10
+    for i in range(50):  # a flood of unregistered ids: each topic is new
+        out = dec.decode(RawMessage(f"sc/v1/streetlight/x-{i}/telemetry", b"{}", 0))
+        assert isinstance(out, Rejection) and out.reason is Reason.UNREGISTERED_DEVICE
+    assert len(dec._topics) <= 10
+    out = dec.decode(RawMessage("sc/v2/streetlight/x-1/telemetry", b"{}", 0))
+    assert isinstance(out, Rejection) and out.reason is Reason.BAD_TOPIC
