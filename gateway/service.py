@@ -10,7 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from prometheus_client import start_http_server
 
@@ -93,6 +93,10 @@ class SqlSinks(Sinks):
             if moved:
                 log.info("devices_in_service", extra={"count": len(moved), "first": moved[0]})
 
+    def prune_dead_letters(self, retention_days: float) -> int:
+        before = datetime.now(UTC) - timedelta(days=retention_days)
+        return self.deadletters.prune(before)
+
     def refresh_registry(self) -> None:
         self.cache.refresh()
         metrics.REGISTRY_DEVICES.set(len(self.cache))
@@ -142,6 +146,16 @@ async def run_worker(s: Settings, index: int = 0) -> None:
     if s.metrics_port:
         start_http_server(s.metrics_port + index, addr="127.0.0.1", registry=metrics.REGISTRY)
 
+    async def housekeeping() -> None:
+        while True:
+            try:
+                pruned = await asyncio.to_thread(sinks.prune_dead_letters, s.deadletter_retention_days)
+                if pruned:
+                    log.info("dead_letters_pruned", extra={"count": pruned})
+            except Exception as exc:
+                log.warning("dead_letter_prune_failed", extra={"error": str(exc)})
+            await asyncio.sleep(3600)
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -165,6 +179,7 @@ async def run_worker(s: Settings, index: int = 0) -> None:
             store.drain_forever(),
             pipe.run_state_flusher(),
             pipe.run_registry_refresh(),
+            housekeeping(),
         )
     ]
     await stop.wait()

@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     deadletter_payload_bytes: int = Field(
         4096, ge=64, le=1 << 20, description="raw payload kept per dead letter"
     )
+    deadletter_retention_days: float = Field(
+        30.0, gt=0, description="dead letters older than this are deleted (checked hourly)"
+    )
 
     # Observability
     metrics_port: int = Field(

@@ -101,3 +101,22 @@ def test_the_gateway_keeps_its_sql_state_in_postgresql(
     state = harness.states.get(device_id)
     assert state is not None and state.online is True
     pub.close()
+
+
+def test_old_dead_letters_are_pruned_by_the_gateway(harness: Harness) -> None:
+    """Dead letters are kept for SC_DEADLETTER_RETENTION_DAYS, then the gateway deletes them."""
+    import datetime as dt
+
+    from gateway.deadletter import DeadLetter
+
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(days=40)
+    harness.deadletters.add_many(
+        [DeadLetter(old, "sc/v1/streetlight/x/telemetry", "x", "streetlight", "not_json", "old", b"{")]
+    )
+    assert len(harness.deadletters.recent(device_id="x")) == 1
+    harness.start_gateway(SC_DEADLETTER_RETENTION_DAYS="30")
+    wait_for(
+        lambda: harness.deadletters.recent(device_id="x"),
+        lambda rows: rows == [],
+        what="the 40-day-old dead letter to be pruned",
+    )
