@@ -3,11 +3,12 @@ confirm, rotate credentials, bulk import and export. Installer or admin keys onl
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 from collections.abc import Iterator, Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from fastapi.encoders import jsonable_encoder
@@ -41,6 +42,7 @@ from gateway.installers import ImportResult
 from gateway.registry import (
     ATTRIBUTE_PREFIX,
     EXPORT_COLUMNS,
+    Change,
     DeviceNotFoundError,
     DeviceRecord,
     ParsedCsv,
@@ -83,11 +85,30 @@ def _device(svc: Services, principal: Principal, device_id: str) -> RegisteredDe
     return device
 
 
-def _record(svc: Services, data: Mapping[str, Any]) -> DeviceRecord:
+@contextlib.contextmanager
+def _invalid_body() -> Iterator[None]:
+    """A pydantic ValidationError inside is the 422 naming each bad field."""
     try:
-        return svc.registry.validate(data)
+        yield
     except ValidationError as exc:
         raise BodyValidationError(exc) from None
+
+
+def _record(svc: Services, data: Mapping[str, Any]) -> DeviceRecord:
+    with _invalid_body():
+        return svc.registry.validate(data)
+
+
+class _Operation(Protocol):
+    def __call__(self, device_id: str, *, actor: str) -> Change: ...
+
+
+def _lifecycle_change(
+    svc: Services, principal: Principal, device_id: str, operation: _Operation
+) -> ChangeOut:
+    """`operation` (disable, enable, retire, confirm) on a device the key may reach."""
+    _device(svc, principal, device_id)
+    return ChangeOut.of(operation(device_id, actor=principal.actor))
 
 
 @router.post(
@@ -359,11 +380,9 @@ def update_device(device_id: str, body: DevicePatch, principal: Installer, svc: 
     changes = body.model_dump(exclude_unset=True)
     if changes.get("community") is not None:
         check_scope(principal, changes["community"], "the new community")
-    try:
+    with _invalid_body():
         change = svc.installers.update(device_id, changes, actor=principal.actor)
-    except ValidationError as exc:
-        raise BodyValidationError(exc) from None
-    return ChangeOut(device=DeviceOut.of(change.device), changed=change.changed)
+    return ChangeOut.of(change)
 
 
 @router.post("/devices/{device_id}/move", summary="Put a device in another place", responses={**_404, **_409})
@@ -372,11 +391,9 @@ def move_device(device_id: str, body: MoveIn, principal: Installer, svc: Svc) ->
     place fields not given are cleared. The device's history keeps where it was."""
     _device(svc, principal, device_id)
     check_scope(principal, body.community, "the new place")
-    try:
+    with _invalid_body():
         change = svc.installers.move(device_id, body.model_dump(), actor=principal.actor)
-    except ValidationError as exc:
-        raise BodyValidationError(exc) from None
-    return ChangeOut(device=DeviceOut.of(change.device), changed=change.changed)
+    return ChangeOut.of(change)
 
 
 @router.post(
@@ -385,9 +402,7 @@ def move_device(device_id: str, body: MoveIn, principal: Installer, svc: Svc) ->
     responses={**_404, **_409, **_BROKER},
 )
 def disable_device(device_id: str, principal: Installer, svc: Svc) -> ChangeOut:
-    _device(svc, principal, device_id)
-    change = svc.installers.disable(device_id, actor=principal.actor)
-    return ChangeOut(device=DeviceOut.of(change.device), changed=change.changed)
+    return _lifecycle_change(svc, principal, device_id, svc.installers.disable)
 
 
 @router.post(
@@ -396,9 +411,7 @@ def disable_device(device_id: str, principal: Installer, svc: Svc) -> ChangeOut:
     responses={**_404, **_409, **_BROKER},
 )
 def enable_device(device_id: str, principal: Installer, svc: Svc) -> ChangeOut:
-    _device(svc, principal, device_id)
-    change = svc.installers.enable(device_id, actor=principal.actor)
-    return ChangeOut(device=DeviceOut.of(change.device), changed=change.changed)
+    return _lifecycle_change(svc, principal, device_id, svc.installers.enable)
 
 
 @router.post(
@@ -407,9 +420,7 @@ def enable_device(device_id: str, principal: Installer, svc: Svc) -> ChangeOut:
     responses={**_404, **_BROKER},
 )
 def retire_device(device_id: str, principal: Installer, svc: Svc) -> ChangeOut:
-    _device(svc, principal, device_id)
-    change = svc.installers.retire(device_id, actor=principal.actor)
-    return ChangeOut(device=DeviceOut.of(change.device), changed=change.changed)
+    return _lifecycle_change(svc, principal, device_id, svc.installers.retire)
 
 
 @router.post(
@@ -420,9 +431,7 @@ def retire_device(device_id: str, principal: Installer, svc: Svc) -> ChangeOut:
 def confirm_device(device_id: str, principal: Installer, svc: Svc) -> ChangeOut:
     """For a device that cannot report all its commissioning fields yet, or that the installer has
     checked on site. Incidents from devices not in service are commissioning noise."""
-    _device(svc, principal, device_id)
-    change = svc.installers.confirm(device_id, actor=principal.actor)
-    return ChangeOut(device=DeviceOut.of(change.device), changed=change.changed)
+    return _lifecycle_change(svc, principal, device_id, svc.installers.confirm)
 
 
 @router.post(

@@ -5,13 +5,14 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.deadletter import DeviceState, StoredDeadLetter, UnknownDevice
 from gateway.installers import DeviceCredentials
 from gateway.registry import (
+    Change,
     DeviceEvent,
     DeviceProgress,
     Place,
@@ -41,6 +42,19 @@ _EXAMPLE_DEVICE: dict[str, Any] = {
     "batch": "2026-11-dhm-1",
     "attributes": {"owner_class": "0101", "tilt_baseline_deg": 1.5, "depth_cm": 180},
 }
+
+
+_Out = TypeVar("_Out", bound=BaseModel)
+
+
+def _from_attributes(model: type[_Out], source: object, **computed: Any) -> _Out:
+    """`model` with every field not in `computed` taken from the same-named attribute of `source`."""
+    copied = {name: getattr(source, name) for name in model.model_fields if name not in computed}
+    return model(**copied, **computed)
+
+
+def _base64(payload: bytes) -> str:
+    return base64.b64encode(payload).decode("ascii")
 
 
 def payload_value(payload: bytes | None) -> Any:
@@ -190,13 +204,9 @@ class DeviceStateOut(BaseModel):
     @classmethod
     def of(cls, state: DeviceState, required: tuple[str, ...]) -> DeviceStateOut:
         seen = sorted(state.seen_fields or ())
-        return cls(
-            online=state.online,
-            last_seen=state.last_seen,
-            last_status_at=state.last_status_at,
-            fw=state.fw,
-            last_seq=state.last_seq,
-            last_topic=state.last_topic,
+        return _from_attributes(
+            cls,
+            state,
             last_payload=payload_value(state.last_payload),
             seen_fields=seen,
             missing_fields=[f for f in required if f not in seen],
@@ -227,6 +237,10 @@ class DeviceCreated(BaseModel):
 class ChangeOut(BaseModel):
     device: DeviceOut
     changed: bool = Field(description="false: it already was so (nothing written)")
+
+    @classmethod
+    def of(cls, change: Change) -> ChangeOut:
+        return cls(device=DeviceOut.of(change.device), changed=change.changed)
 
 
 class RotatedOut(BaseModel):
@@ -299,19 +313,9 @@ class DeviceProgressOut(BaseModel):
 
     @classmethod
     def of(cls, p: DeviceProgress) -> DeviceProgressOut:
-        return cls(
-            device_id=p.device_id,
-            device_type=p.device_type,
-            lifecycle=p.lifecycle,
-            community=p.community,
-            grid_code=p.grid_code,
-            building=p.building,
-            batch=p.batch,
-            heard_from=p.heard_from,
-            online=p.online,
-            last_seen=p.last_seen,
-            fw=p.fw,
-            last_topic=p.last_topic,
+        return _from_attributes(
+            cls,
+            p,
             last_payload=payload_value(p.last_payload),
             seen_fields=list(p.seen_fields),
             missing_fields=list(p.missing_fields),
@@ -341,16 +345,11 @@ class UnknownDeviceOut(BaseModel):
 
     @classmethod
     def of(cls, u: UnknownDevice) -> UnknownDeviceOut:
-        return cls(
-            device_id=u.device_id,
-            device_type=u.device_type,
-            topic=u.topic,
-            count=u.count,
-            first_seen=u.first_seen,
-            last_seen=u.last_seen,
+        return _from_attributes(
+            cls,
+            u,
             last_payload=payload_value(u.last_payload),
-            last_payload_base64=base64.b64encode(u.last_payload).decode("ascii"),
-            last_payload_size=u.last_payload_size,
+            last_payload_base64=_base64(u.last_payload),
         )
 
 
@@ -369,19 +368,7 @@ class DeadLetterOut(BaseModel):
 
     @classmethod
     def of(cls, d: StoredDeadLetter) -> DeadLetterOut:
-        return cls(
-            id=d.id,
-            received_at=d.received_at,
-            topic=d.topic,
-            device_id=d.device_id,
-            device_type=d.device_type,
-            reason=d.reason,
-            detail=d.detail,
-            payload=payload_value(d.payload),
-            payload_base64=base64.b64encode(d.payload).decode("ascii"),
-            payload_size=d.payload_size,
-            truncated=d.truncated,
-        )
+        return _from_attributes(cls, d, payload=payload_value(d.payload), payload_base64=_base64(d.payload))
 
 
 # ---------------------------------------------------------------------------------------------

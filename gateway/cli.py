@@ -19,7 +19,7 @@ import re
 import sys
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Final, TextIO, TypeAlias
+from typing import Any, Final, Protocol, TextIO, TypeAlias, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy import Engine
@@ -195,6 +195,36 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
         return "  ".join(v + " " * (w - _width(v)) for v, w in zip(values, widths, strict=True)).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+class _JsonItem(Protocol):
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+_Item = TypeVar("_Item", bound=_JsonItem)
+
+
+def _print_items(
+    args: argparse.Namespace,
+    items: Sequence[_Item],
+    headers: Sequence[str],
+    row: Callable[[_Item], Sequence[Any]],
+    *,
+    empty: str | None = None,
+    footer: str | None = None,
+) -> int:
+    """A listing command's output: with --json each item's as_dict(), else a table of `row` of each
+    item (`empty` instead when there is none and it is given), then `footer` if given."""
+    if args.json:
+        print_json([item.as_dict() for item in items])
+        return 0
+    if not items and empty is not None:
+        print(empty)
+        return 0
+    print(format_table(headers, [row(item) for item in items]))
+    if footer is not None:
+        print(footer)
+    return 0
 
 
 _DURATION_RE: Final = re.compile(r"(\d+)\s*([smhdw])")
@@ -581,12 +611,11 @@ def _devices_list(args: argparse.Namespace) -> int:
             batch=args.batch,
             limit=args.limit,
         )
-    if args.json:
-        print_json([d.as_dict() for d in found])
-        return 0
-    headers = ["device_id", "type", "community", "grid_code", "building", "lifecycle", "updated"]
-    rows = [
-        (
+    return _print_items(
+        args,
+        found,
+        ["device_id", "type", "community", "grid_code", "building", "lifecycle", "updated"],
+        lambda d: (
             d.device_id,
             d.device_type,
             d.community,
@@ -594,12 +623,9 @@ def _devices_list(args: argparse.Namespace) -> int:
             d.building,
             d.lifecycle,
             _short_time(d.updated_at),
-        )
-        for d in found
-    ]
-    print(format_table(headers, rows))
-    print(f"({len(found)} device{'s' if len(found) != 1 else ''})")
-    return 0
+        ),
+        footer=f"({len(found)} device{'s' if len(found) != 1 else ''})",
+    )
 
 
 def _devices_show(args: argparse.Namespace) -> int:
@@ -641,21 +667,18 @@ def _devices_history(args: argparse.Namespace) -> int:
         if registry.describe(args.device_id) is None:
             raise CommandError(f"device {args.device_id!r} is not registered")
         events = registry.history(args.device_id, limit=args.limit)
-    if args.json:
-        print_json([e.as_dict() for e in events])
-        return 0
-    rows = [
-        (
+    return _print_items(
+        args,
+        events,
+        ["at (UTC)", "action", "by", "version", "detail"],
+        lambda e: (
             _short_time(e.at),
             e.action,
             e.actor,
             e.version,
             json.dumps(dict(e.detail), ensure_ascii=False)[:100],
-        )
-        for e in events
-    ]
-    print(format_table(["at (UTC)", "action", "by", "version", "detail"], rows))
-    return 0
+        ),
+    )
 
 
 def _print_change(args: argparse.Namespace, change: Change, done: str) -> int:
@@ -826,15 +849,8 @@ def _places_add(args: argparse.Namespace) -> int:
 def _places_list(args: argparse.Namespace) -> int:
     with open_engine(args) as engine:
         found = Places(engine).list(level=args.level, parent_code=args.parent)
-    if args.json:
-        print_json([p.as_dict() for p in found])
-        return 0
-    print(
-        format_table(
-            ["code", "level", "name", "parent"], [(p.code, p.level, p.name, p.parent_code) for p in found]
-        )
-    )
-    return 0
+    headers = ["code", "level", "name", "parent"]
+    return _print_items(args, found, headers, lambda p: (p.code, p.level, p.name, p.parent_code))
 
 
 def _units_add(args: argparse.Namespace) -> int:
@@ -856,15 +872,8 @@ def _units_add(args: argparse.Namespace) -> int:
 def _units_list(args: argparse.Namespace) -> int:
     with open_engine(args) as engine:
         found = ResponsibleUnits(engine).list(kind=args.kind)
-    if args.json:
-        print_json([u.as_dict() for u in found])
-        return 0
-    print(
-        format_table(
-            ["unit_id", "name", "kind", "contact"], [(u.unit_id, u.name, u.kind, u.contact) for u in found]
-        )
-    )
-    return 0
+    headers = ["unit_id", "name", "kind", "contact"]
+    return _print_items(args, found, headers, lambda u: (u.unit_id, u.name, u.kind, u.contact))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -993,18 +1002,13 @@ def _deadletters_list(args: argparse.Namespace) -> int:
         letters = DeadLetterStore(engine).recent(
             limit=args.limit, reason=args.reason, device_id=args.device_id, since=args.since
         )
-    if args.json:
-        print_json([d.as_dict() for d in letters])
-        return 0
-    if not letters:
-        print("no dead letters")
-        return 0
-    rows = [
-        (_short_time(d.received_at), d.reason, d.device_id, d.topic, d.detail[:80], d.payload_size)
-        for d in letters
-    ]
-    print(format_table(["received (UTC)", "reason", "device_id", "topic", "detail", "bytes"], rows))
-    return 0
+    return _print_items(
+        args,
+        letters,
+        ["received (UTC)", "reason", "device_id", "topic", "detail", "bytes"],
+        lambda d: (_short_time(d.received_at), d.reason, d.device_id, d.topic, d.detail[:80], d.payload_size),
+        empty="no dead letters",
+    )
 
 
 def _deadletters_counts(args: argparse.Namespace) -> int:
@@ -1023,24 +1027,19 @@ def _deadletters_counts(args: argparse.Namespace) -> int:
 def _unknown(args: argparse.Namespace) -> int:
     with open_engine(args) as engine:
         found = DeadLetterStore(engine).unknown_devices(since=args.since, limit=args.limit)
-    if args.json:
-        print_json([u.as_dict() for u in found])
-        return 0
-    if not found:
-        print("no unregistered device has published")
-        return 0
-    rows = [
-        (
+    return _print_items(
+        args,
+        found,
+        ["device_id", "type", "messages", "last seen (UTC)", "last payload"],
+        lambda u: (
             u.device_id,
             u.device_type,
             u.count,
             _short_time(u.last_seen),
             _payload_preview(u.last_payload, u.last_payload_size),
-        )
-        for u in found
-    ]
-    print(format_table(["device_id", "type", "messages", "last seen (UTC)", "last payload"], rows))
-    return 0
+        ),
+        empty="no unregistered device has published",
+    )
 
 
 def _deadletters_prune(args: argparse.Namespace) -> int:

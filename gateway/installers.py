@@ -281,6 +281,12 @@ class Installers:
             if not _missing(exc):
                 raise _unavailable_or_refused(exc) from exc
 
+    def _broker_if_any(self, command: Callable[[CredentialIssuer], object]) -> None:
+        """`command` through `_broker` when there is a broker (registry-only installers have none)."""
+        issuer = self.issuer
+        if issuer is not None:
+            self._broker(lambda: command(issuer))
+
     def _existing(self, device_id: str) -> RegisteredDevice:
         device = self.registry.describe(device_id)
         if device is None:
@@ -349,24 +355,20 @@ class Installers:
         device = self._existing(device_id)
         if device.lifecycle == "retired":
             raise DeviceRetiredError(f"device {device_id!r} is retired: nothing can be done with it")
-        if self.issuer is not None:
-            issuer = self.issuer
-            self._broker(lambda: issuer.disable(device_id))
+        self._broker_if_any(lambda issuer: issuer.disable(device_id))
         return self.registry.disable(device_id, actor=actor)
 
     def enable(self, device_id: str, *, actor: str) -> Change:
         device = self._existing(device_id)
-        if device.lifecycle == "disabled" and self.issuer is not None:
-            issuer = self.issuer
-            self._broker(lambda: issuer.enable(device_id))
+        if device.lifecycle == "disabled":
+            self._broker_if_any(lambda issuer: issuer.enable(device_id))
         return self.registry.enable(device_id, actor=actor)
 
     def retire(self, device_id: str, *, actor: str) -> Change:
         """Delete the broker account, then retire the device for good."""
         device = self._existing(device_id)
-        if device.lifecycle != "retired" and self.issuer is not None:
-            issuer = self.issuer
-            self._broker(lambda: issuer.delete(device_id))
+        if device.lifecycle != "retired":
+            self._broker_if_any(lambda issuer: issuer.delete(device_id))
         return self.registry.retire(device_id, actor=actor)
 
     def rotate_credentials(self, device_id: str, *, actor: str) -> tuple[RegisteredDevice, DeviceCredentials]:

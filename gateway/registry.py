@@ -58,7 +58,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import IO, Any, Final, Literal, TypeAlias, get_args
+from typing import IO, Any, Final, Literal, TypeAlias, TypeVar, get_args
 
 from pydantic import (
     BaseModel,
@@ -73,6 +73,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     RowMapping,
+    Select,
     bindparam,
     func,
     insert,
@@ -437,6 +438,15 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _slots_as_dict(obj: Any, times: Iterable[str]) -> dict[str, Any]:
+    """A slotted dataclass as a JSON-ready dict: the `times` (dates, timestamps) as ISO 8601 text."""
+    out = {name: getattr(obj, name) for name in obj.__slots__}
+    for name in times:
+        value = out[name]
+        out[name] = None if value is None else value.isoformat()
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceInfo:
     """What the gateway needs about a device to accept, enrich and route its messages."""
@@ -502,11 +512,8 @@ class RegisteredDevice:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: timestamps as RFC 3339 text, the install date as YYYY-MM-DD."""
-        out = {name: getattr(self, name) for name in self.__slots__}
+        out = _slots_as_dict(self, ("created_at", "updated_at", "in_service_at", "install_date"))
         out["attributes"] = dict(self.attributes)
-        for name in ("created_at", "updated_at", "in_service_at", "install_date"):
-            value = out[name]
-            out[name] = None if value is None else value.isoformat()
         return out
 
     def record(self) -> DeviceRecord:
@@ -746,6 +753,22 @@ def _device_from_row(row: RowMapping) -> RegisteredDevice:
     return RegisteredDevice(**m)
 
 
+_T = TypeVar("_T")
+
+
+def _first(engine: Engine, stmt: Select[Any], make: Callable[[RowMapping], _T]) -> _T | None:
+    """`make` of the statement's first row, None when there is none."""
+    with engine.connect() as conn:
+        row = conn.execute(stmt).first()
+    return None if row is None else make(row._mapping)
+
+
+def _all(engine: Engine, stmt: Select[Any], make: Callable[[RowMapping], _T]) -> builtins.list[_T]:
+    """`make` of each of the statement's rows, in order."""
+    with engine.connect() as conn:
+        return [make(row._mapping) for row in conn.execute(stmt)]
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -918,8 +941,8 @@ class Registry:
             event = (record.device_id, "created", dict(detail or {}))
             self._log(conn, [event], actor=actor, version=version, at=now)
             _store_version(conn, version)
-            row = conn.execute(select(*_FULL_COLUMNS).where(devices.c.device_id == record.device_id)).one()
-        return _device_from_row(row._mapping)
+            row = self._fetch(conn, record.device_id)
+        return _device_from_row(row)
 
     @contextlib.contextmanager
     def credentials_lock(self) -> Iterator[None]:
@@ -1252,9 +1275,7 @@ class Registry:
             conn.execute(
                 _UPDATE_DEVICE, [{**new, "match_device_id": device_id, "updated_at": now, "version": version}]
             )
-            self._log(conn, [(device_id, action, {"changed": diff})], actor=actor, version=version, at=now)
-            _store_version(conn, version)
-            return Change(_device_from_row(self._fetch(conn, device_id)), True)
+            return self._changed(conn, device_id, action, {"changed": diff}, actor, version, now)
 
     def disable(self, device_id: str, *, actor: str = "registry") -> Change:
         """`disabled`: the gateway sets its messages aside. A retired device cannot be disabled."""
@@ -1317,9 +1338,22 @@ class Registry:
                 values["in_service_at"] = now
             conn.execute(update(devices).where(devices.c.device_id == device_id).values(**values))
             detail = {"from": old["lifecycle"], "to": lifecycle}
-            self._log(conn, [(device_id, action, detail)], actor=actor, version=version, at=now)
-            _store_version(conn, version)
-            return Change(_device_from_row(self._fetch(conn, device_id)), True)
+            return self._changed(conn, device_id, action, detail, actor, version, now)
+
+    def _changed(
+        self,
+        conn: Connection,
+        device_id: str,
+        action: str,
+        detail: Mapping[str, Any],
+        actor: str,
+        version: int,
+        now: dt.datetime,
+    ) -> Change:
+        """After a device's row is written: its history entry, the new registry version, the device now."""
+        self._log(conn, [(device_id, action, detail)], actor=actor, version=version, at=now)
+        _store_version(conn, version)
+        return Change(_device_from_row(self._fetch(conn, device_id)), True)
 
     @staticmethod
     def _fetch(conn: Connection, device_id: str) -> RowMapping:
@@ -1380,15 +1414,13 @@ class Registry:
     # -- reading --------------------------------------------------------------------------------------
 
     def get(self, device_id: str) -> DeviceInfo | None:
-        with self._engine.connect() as conn:
-            row = conn.execute(select(*_INFO_COLUMNS).where(devices.c.device_id == device_id)).first()
-        return None if row is None else _info_from_row(row._mapping)
+        stmt = select(*_INFO_COLUMNS).where(devices.c.device_id == device_id)
+        return _first(self._engine, stmt, _info_from_row)
 
     def describe(self, device_id: str) -> RegisteredDevice | None:
         """The full registry row of one device."""
-        with self._engine.connect() as conn:
-            row = conn.execute(select(*_FULL_COLUMNS).where(devices.c.device_id == device_id)).first()
-        return None if row is None else _device_from_row(row._mapping)
+        stmt = select(*_FULL_COLUMNS).where(devices.c.device_id == device_id)
+        return _first(self._engine, stmt, _device_from_row)
 
     def list(
         self,
@@ -1405,8 +1437,7 @@ class Registry:
         """Devices matching all the given filters, by device id. `communities` limits to those (a scope)."""
         stmt = select(*_FULL_COLUMNS).order_by(devices.c.device_id).offset(offset).limit(limit)
         stmt = stmt.where(*_filters(device_type, community, grid_code, lifecycle, batch, communities))
-        with self._engine.connect() as conn:
-            return [_device_from_row(row._mapping) for row in conn.execute(stmt)]
+        return _all(self._engine, stmt, _device_from_row)
 
     def count(
         self,
@@ -1435,8 +1466,7 @@ class Registry:
             stmt = stmt.where(*_filters(None, None, None, None, None, communities))
             if after is not None:
                 stmt = stmt.where(devices.c.device_id > after)
-            with self._engine.connect() as conn:
-                page = [_device_from_row(row._mapping) for row in conn.execute(stmt)]
+            page = _all(self._engine, stmt, _device_from_row)
             yield from page
             if len(page) < page_size:
                 return
@@ -1638,8 +1668,7 @@ class Registry:
     def changed_since(self, version: int) -> builtins.list[DeviceInfo]:
         """Devices changed after `version` (any lifecycle, so a cache learns of disabled ones too)."""
         stmt = select(*_INFO_COLUMNS).where(devices.c.version > version).order_by(devices.c.version)
-        with self._engine.connect() as conn:
-            return [_info_from_row(row._mapping) for row in conn.execute(stmt)]
+        return _all(self._engine, stmt, _info_from_row)
 
     def load_all(self) -> dict[str, DeviceInfo]:
         with self._engine.connect() as conn:
@@ -1860,10 +1889,11 @@ class Place:
     updated_at: dt.datetime
 
     def as_dict(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in self.__slots__}
-        out["created_at"] = self.created_at.isoformat()
-        out["updated_at"] = self.updated_at.isoformat()
-        return out
+        return _slots_as_dict(self, ("created_at", "updated_at"))
+
+
+def _place_from_row(m: RowMapping) -> Place:
+    return Place(**m)
 
 
 class Places:
@@ -1908,9 +1938,7 @@ class Places:
         return place
 
     def get(self, code: str) -> Place | None:
-        with self._engine.connect() as conn:
-            row = conn.execute(select(places).where(places.c.code == code)).first()
-        return None if row is None else Place(**row._mapping)
+        return _first(self._engine, select(places).where(places.c.code == code), _place_from_row)
 
     def list(
         self,
@@ -1926,8 +1954,7 @@ class Places:
             stmt = stmt.where(places.c.level == level)
         if parent_code is not None:
             stmt = stmt.where(places.c.parent_code == parent_code)
-        with self._engine.connect() as conn:
-            return [Place(**row._mapping) for row in conn.execute(stmt)]
+        return _all(self._engine, stmt, _place_from_row)
 
 
 class ResponsibleUnitRecord(BaseModel):
@@ -1962,9 +1989,11 @@ class ResponsibleUnit:
     created_at: dt.datetime
 
     def as_dict(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in self.__slots__}
-        out["created_at"] = self.created_at.isoformat()
-        return out
+        return _slots_as_dict(self, ("created_at",))
+
+
+def _unit_from_row(m: RowMapping) -> ResponsibleUnit:
+    return ResponsibleUnit(**m)
 
 
 class ResponsibleUnits:
@@ -1994,15 +2023,11 @@ class ResponsibleUnits:
         return unit
 
     def get(self, unit_id: str) -> ResponsibleUnit | None:
-        with self._engine.connect() as conn:
-            row = conn.execute(
-                select(responsible_units).where(responsible_units.c.unit_id == unit_id)
-            ).first()
-        return None if row is None else ResponsibleUnit(**row._mapping)
+        stmt = select(responsible_units).where(responsible_units.c.unit_id == unit_id)
+        return _first(self._engine, stmt, _unit_from_row)
 
     def list(self, *, kind: str | None = None) -> builtins.list[ResponsibleUnit]:
         stmt = select(responsible_units).order_by(responsible_units.c.unit_id)
         if kind is not None:
             stmt = stmt.where(responsible_units.c.kind == kind)
-        with self._engine.connect() as conn:
-            return [ResponsibleUnit(**row._mapping) for row in conn.execute(stmt)]
+        return _all(self._engine, stmt, _unit_from_row)

@@ -349,15 +349,7 @@ class Service:
         self._before_start()
         with _open_log(self.log_path, self._account, f"starting {' '.join(self.argv)}") as log_file:
             self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                cwd=self.data_dir,
-                env=_child_env(self.data_dir),
-                start_new_session=True,
-                umask=self.umask,
-                **_run_as(self._account),
+                self.argv, start_new_session=True, umask=self.umask, **self._child_options(log_file)
             )
         _RUNNING.add(self)
         try:
@@ -368,6 +360,17 @@ class Service:
             raise
         log.info("%s started: pid %d, %s", self.name, self.proc.pid, self.describe())
         return self
+
+    def _child_options(self, log_file: Any) -> dict[str, Any]:
+        """How the service's processes run: no stdin, output to the log, in the data dir, as its user."""
+        return {
+            "stdin": subprocess.DEVNULL,
+            "stdout": log_file,
+            "stderr": subprocess.STDOUT,
+            "cwd": self.data_dir,
+            "env": _child_env(self.data_dir),
+            **_run_as(self._account),
+        }
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout
@@ -823,17 +826,7 @@ class PostgresService(Service):
         if self.for_tests:
             argv.append("--no-sync")
         with _open_log(self.log_path, self._account, f"initdb: {' '.join(argv)}") as log_file:
-            result = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                cwd=self.data_dir,
-                env=_child_env(self.data_dir),
-                timeout=120,
-                check=False,
-                **_run_as(self._account),
-            )
+            result = subprocess.run(argv, timeout=120, check=False, **self._child_options(log_file))
         if result.returncode != 0:
             raise self.start_error(f"initdb exited with status {result.returncode}")
 
