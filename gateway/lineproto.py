@@ -14,18 +14,24 @@ def event_measurement(device_type: str) -> str:
     return f"{device_type}_event"
 
 
+# Line protocol has no way to carry a line break (or other control character) in a value; one in free
+# text (a firmware string, a community name) would end the point early. They are written visibly
+# escaped instead: "\n", "\r", "\t", or "\xNN".
+_CONTROL = {c: f"\\x{c:02x}" for c in range(32)} | {10: "\\n", 13: "\\r", 9: "\\t", 127: "\\x7f"}
+
+
 def _escape_tag(value: str) -> str:
     return (
         value.replace("\\", "\\\\")
         .replace(",", "\\,")
         .replace("=", "\\=")
         .replace(" ", "\\ ")
-        .replace("\n", "\\n")
+        .translate(_CONTROL)
     )
 
 
 def _escape_str(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').translate(_CONTROL) + '"'
 
 
 @lru_cache(maxsize=262144)
