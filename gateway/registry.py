@@ -318,6 +318,15 @@ class DeviceRecord(BaseModel):
             return None
         return value
 
+    @field_validator("community", "district", "street", "building", "address", "responsible_unit")
+    @classmethod
+    def _no_control_characters(cls, value: str | None) -> str | None:
+        # These names end up as InfluxDB tags, case fields and table cells: a line break in one is a
+        # spreadsheet accident, never meant.
+        if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("must not contain control characters (line breaks, tabs)")
+        return value
+
     @field_validator("device_id", "community", "grid_code", mode="before")
     @classmethod
     def _required_not_blank(cls, value: Any) -> Any:

@@ -103,6 +103,8 @@ def test_text_is_stripped_and_blank_optional_fields_are_none() -> None:
             "grid_code: must be 14 or 15 digits",
         ),  # full-width digits
         ({"community": " "}, "community: is required"),
+        ({"community": "和平里\n社区"}, "community: must not contain control characters"),
+        ({"building": "3号\t楼"}, "building: must not contain control characters"),
         ({"component_code": "320508010100001"}, "component_code: must be 16 digits (got '320508010100001')"),
         ({"lat": 91}, "lat: Input should be less than or equal to 90"),
         ({"lon": -180.5}, "lon: Input should be greater than or equal to -180"),
