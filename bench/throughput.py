@@ -214,13 +214,17 @@ def run_gateway(
     rate: float | None,
     gateway_account: Credentials,
     publisher: Credentials,
+    rules: bool = True,
 ) -> dict[str, float]:
     db_url = f"sqlite:///{root / 'registry.db'}"
     from gateway.db import make_engine, migrate
     from gateway.registry import DeviceRecord, Registry
 
     migrate(db_url)
-    Registry(make_engine(db_url)).upsert_many([DeviceRecord(**r) for r in rows])
+    registry = Registry(make_engine(db_url))
+    registry.upsert_many([DeviceRecord(**r) for r in rows])
+    # in service: every default rule applies to them (devices being commissioned skip most rules)
+    registry.mark_in_service([str(r["device_id"]) for r in rows])
     metrics_port = free_port()
     ports = [metrics_port + i for i in range(workers)]
     env = dict(
@@ -236,6 +240,8 @@ def run_gateway(
         SC_WORKERS=str(workers),
         SC_INSTANCE="bench",
         SC_LOG_LEVEL="WARNING",
+        SC_RULES_ENABLED="true" if rules else "false",
+        SC_RULES_STATE_PATH=str(root / "rules-state.json"),
     )
     log = open(root / "gateway.log", "wb")  # noqa: SIM115
     argv = [sys.executable, "-m", "gateway.cli", "run"]
@@ -290,6 +296,20 @@ def run_gateway(
             if stored >= acked or time.monotonic() - since > 20:
                 break
             time.sleep(0.05)
+        t_rules = t_done
+        evaluated = 0.0
+        if rules:
+            # the rules process works after the acknowledgement: wait until it has evaluated it all
+            rules_port = [metrics_port + workers]
+            last, since = -1.0, time.monotonic()
+            while True:
+                evaluated = _metric(_scrape(rules_port), "sc_rules_evaluated_total")
+                peak_rss = max(peak_rss, _rss_mb(_proc_tree(gw.pid)))
+                if evaluated != last:
+                    last, since, t_rules = evaluated, time.monotonic(), time.perf_counter()
+                if evaluated >= stored or time.monotonic() - since > 20:
+                    break
+                time.sleep(0.05)
         cpu = _cpu_s(_proc_tree(gw.pid)) - cpu0
         others = {
             "broker": _cpu_s([mq_pid]) - others0["broker"],
@@ -324,6 +344,9 @@ def run_gateway(
         "lost": acked - landed,
         "rejected": rejected,
         "rate": landed / max(elapsed, 1e-9),
+        "rules": float(rules),
+        "evaluated": evaluated,
+        "rules_rate": evaluated / max(t_rules - t_first, 1e-9),
         "publish_rate": res.send_rate,
         "p50_ms": p50 * 1000,
         "p99_ms": p99 * 1000,
@@ -344,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=20000, help="publisher's unacknowledged window")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    ap.add_argument("--no-rules", action="store_true", help="run the gateway without its rules stage")
     args = ap.parse_args(argv)
 
     root = Path(tempfile.mkdtemp(prefix="sc-bench-", dir="/tmp"))
@@ -365,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
             f"(publisher offered {base['publish_rate']:.0f} msg/s)",
             flush=True,
         )
-        print(f"gateway: {args.workers} worker(s) ...", flush=True)
+        rules_text = "without rules" if args.no_rules else "with the default rules"
+        print(f"gateway: {args.workers} worker(s), {rules_text} ...", flush=True)
         gw = run_gateway(
             root,
             mq.port,
@@ -378,11 +403,18 @@ def main(argv: list[str] | None = None) -> int:
             args.rate,
             gateway_account,
             publisher,
+            rules=not args.no_rules,
         )
     finally:
         mq.stop()
         influx.stop()
     ratio = gw["rate"] / base["rate"]
+    rules_line = (
+        f"rules evaluated            {gw['evaluated']:.0f} at {gw['rules_rate']:.0f} msg/s "
+        "(publish -> evaluated by the rules process)\n"
+        if gw["rules"]
+        else "rules                      off (--no-rules)\n"
+    )
     ratio_text = f"{ratio:.2f}" if not args.rate else f"n/a (offered rate capped at {args.rate:.0f} msg/s)"
     print(
         f"""
@@ -394,7 +426,7 @@ lost                       {gw["lost"]}
 rejected                   {int(gw["rejected"])}
 publisher offered          {gw["publish_rate"]:.0f} msg/s
 gateway sustained          {gw["rate"]:.0f} msg/s  (validated, stored, acknowledged)
-do-nothing subscriber      {base["rate"]:.0f} msg/s
+{rules_line}do-nothing subscriber      {base["rate"]:.0f} msg/s
 ratio gateway / baseline   {ratio_text}
 publish -> stored latency  p50 {gw["p50_ms"]:.0f} ms   p99 {gw["p99_ms"]:.0f} ms
 gateway CPU                {gw["cpu_pct"]:.0f} % of one core ({gw["cpu_s"]:.1f} s in {gw["elapsed_s"]:.1f} s)

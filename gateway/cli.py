@@ -1076,6 +1076,7 @@ COMMANDS: list[Registrar] = [
     add_deadletter_commands,
     add_run_commands,
     add_api_commands,
+    lambda sub: __import__("gateway.alarmcmd", fromlist=["_"]).add_alarm_commands(sub),
 ]
 
 

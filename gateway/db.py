@@ -412,3 +412,48 @@ device_events = Table(
     Column("detail", JSONDocument, nullable=False, default=dict),
     Index(None, "device_id"),
 )
+
+ALARM_STATES: Final = ("open", "cleared")
+RULE_ID_LEN: Final = 96
+ALARM_KEY_LEN: Final = 192
+
+# Alarms of the rules stage (gateway/evaluate.py), for the incidents stage and people. One row per alarm
+# occurrence from open to clear; at most one open row per (rule, key), enforced by a partial unique index.
+# `alarm_key` is the device id, or a group key for group rules (device_id then NULL).
+alarms = Table(
+    "alarms",
+    metadata,
+    Column("id", AutoIncrementId, primary_key=True, autoincrement=True),
+    Column("rule_id", String(RULE_ID_LEN), nullable=False),
+    Column("alarm_key", String(ALARM_KEY_LEN), nullable=False),
+    Column("device_id", String(DEVICE_ID_LEN)),
+    Column("device_type", String(DEVICE_TYPE_LEN), nullable=False),
+    Column("community", String(128)),
+    Column("grid_code", String(GRID_CODE_LEN)),
+    Column("state", String(8), nullable=False),
+    Column("urgency", String(2), nullable=False),
+    Column("change", String(16), nullable=False),
+    Column("occurrences", Integer, nullable=False),
+    Column("flapping", Boolean, nullable=False),
+    Column("opened_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("cleared_at", UTCDateTime),
+    Column("evidence", JSONDocument, nullable=False),
+    Column("message_zh", Text, nullable=False),
+    Column("message_en", Text, nullable=False),
+    Column("members", JSONDocument, nullable=False),
+    # the device was not in service (still being commissioned) when the alarm opened
+    Column("commissioning_noise", Boolean, nullable=False),
+    CheckConstraint("state IN ({})".format(", ".join(f"'{x}'" for x in ALARM_STATES)), name="state"),
+    Index(
+        "uq_alarms_open_rule_key",
+        "rule_id",
+        "alarm_key",
+        unique=True,
+        sqlite_where=text("state = 'open'"),
+        postgresql_where=text("state = 'open'"),
+    ),
+    Index(None, "state", "community"),
+    Index(None, "device_id"),
+    Index(None, "opened_at"),
+)

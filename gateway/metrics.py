@@ -70,3 +70,9 @@ STORED_LATENCY = Histogram(
         60,
     ),
 )
+RULES_BACKLOG = Gauge(
+    "sc_rules_backlog",
+    "stored readings this worker holds for the rules process because its queue is full",
+    registry=REGISTRY,
+)
+RULES_SENT = Counter("sc_rules_observations", "observations handed to the rules process", registry=REGISTRY)

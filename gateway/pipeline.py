@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,7 +85,7 @@ class Pipeline:
         store: Store,
         sinks: Sinks,
         client_id: str,
-        on_readings: Callable[[list[Reading]], None] | None = None,
+        on_readings: Callable[[list[Reading]], Awaitable[None] | None] | None = None,
     ) -> None:
         self.s = settings
         self.store = store
@@ -279,7 +279,11 @@ class Pipeline:
             for r in batch.readings[::4]:
                 metrics.STORED_LATENCY.observe(max(0, now_ms - r.ts_ms) / 1000)
             if self._on_readings and batch.readings:
-                self._on_readings(batch.readings)
+                # After the acknowledgement: a hook that returns an awaitable (the rules hand-off when
+                # the rules process is behind) holds the next batch, which slows intake; nothing drops.
+                pending = self._on_readings(batch.readings)
+                if pending is not None:
+                    await pending
 
     async def drain_for_shutdown(self, timeout_s: float) -> None:
         """Stop taking messages, store and acknowledge what is held, within timeout_s."""

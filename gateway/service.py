@@ -6,11 +6,14 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing as mp
+import multiprocessing.queues as mpq
 import os
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from prometheus_client import start_http_server
 
@@ -18,12 +21,14 @@ from devices import THING_MODELS
 from gateway import logs, metrics
 from gateway.db import make_engine, migrate
 from gateway.deadletter import DeadLetter, DeadLetterStore, DeviceStateStore, StatusUpdate
+from gateway.evaluate import ObservationQueue, RulesFeeder, die_with_parent, load_configured_rules, rules_main
 from gateway.influx import V1Writer, V2Writer, Writer
 from gateway.messages import Reason, Rejection
 from gateway.pipeline import Pipeline, SeenUpdate, Sinks, db_rejections
 from gateway.registry import Registry, RegistryCache
 from gateway.settings import Settings
 from gateway.store import Rejected, Spool, Store
+from rules.loader import RuleLoadError
 
 log = logging.getLogger("gateway.service")
 
@@ -123,8 +128,10 @@ def make_writer(s: Settings) -> Writer:
     )
 
 
-async def run_worker(s: Settings, index: int = 0) -> None:
-    """Run one gateway process until SIGTERM/SIGINT, then stop taking messages and finish what it holds."""
+async def run_worker(s: Settings, index: int = 0, rules_queue: ObservationQueue | None = None) -> None:
+    """Run one gateway process until SIGTERM/SIGINT, then stop taking messages and finish what it holds.
+
+    With `rules_queue`, the readings of every stored batch are handed to the rules process."""
     migrate(s.database_url)
     sinks = SqlSinks(s)
     sinks.refresh_registry()
@@ -142,7 +149,12 @@ async def run_worker(s: Settings, index: int = 0) -> None:
     store = Store(writer, spool, on_rejected, retry_max_s=s.retry_max_s)
     # A "." cannot appear in a device id, so no device can take over the gateway's session by its id.
     client_id = f"svc.gateway.{s.instance}.{index}"
-    pipe = Pipeline(s, lookup=sinks.cache.get, store=store, sinks=sinks, client_id=client_id)
+    feeder = None
+    if rules_queue is not None:
+        feeder = RulesFeeder(rules_queue, max_pending_batches=s.rules_queue_batches)
+    pipe = Pipeline(
+        s, lookup=sinks.cache.get, store=store, sinks=sinks, client_id=client_id, on_readings=feeder
+    )
     if s.metrics_port:
         start_http_server(s.metrics_port + index, addr="127.0.0.1", registry=metrics.REGISTRY)
 
@@ -180,12 +192,15 @@ async def run_worker(s: Settings, index: int = 0) -> None:
             pipe.run_state_flusher(),
             pipe.run_registry_refresh(),
             housekeeping(),
+            *([feeder.run()] if feeder is not None else []),
         )
     ]
     await stop.wait()
     log.info("gateway_stopping", extra={"worker": index})
     await pipe.drain_for_shutdown(timeout_s=10)
     await pipe.flush_state()
+    if feeder is not None:
+        await feeder.drain(timeout_s=10)
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -194,43 +209,82 @@ async def run_worker(s: Settings, index: int = 0) -> None:
     log.info("gateway_stopped", extra={"worker": index, **pipe.stats})
 
 
-def _worker_main(index: int) -> None:
+def _worker_main(index: int, rules_queue: mpq.Queue[Any] | None, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     s = Settings()
     logs.setup(s.log_level, s.log_json)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_worker(s, index))
+        asyncio.run(run_worker(s, index, rules_queue))
+    if rules_queue is not None:
+        # What this worker put on the queue must reach the pipe before the process ends.
+        rules_queue.close()
+        rules_queue.join_thread()
 
 
 def run(s: Settings) -> int:
-    """Run `s.workers` processes; restart one that dies; stop all on SIGTERM/SIGINT."""
+    """Run the rules process and `s.workers` gateway processes; restart one that dies; on SIGTERM/SIGINT
+    stop the workers first (they store and acknowledge what they hold), then the rules process (it takes
+    what they handed on, saves its state and exits)."""
     logs.setup(s.log_level, s.log_json)
-    if s.workers == 1:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run_worker(s, 0))
-        return 0
     ctx = mp.get_context("spawn")
+    rules_queue: mpq.Queue[Any] | None = None
+    if s.rules_enabled:
+        try:
+            rules = load_configured_rules(s)
+        except RuleLoadError as exc:
+            log.error("rules_invalid", extra={"file": exc.file, "rule": exc.rule, "error": str(exc)})
+            print(f"sc-gateway: bad rule file: {exc}", file=sys.stderr)
+            return 2
+        log.info("rules_loaded", extra={"rules": len(rules), "files": len(rules.files)})
+        migrate(s.database_url)  # once, before the processes that use the database start
+        rules_queue = ctx.Queue(maxsize=s.rules_queue_batches)
+    me = os.getpid()
     procs: dict[int, mp.process.BaseProcess] = {}
+    rules_proc: mp.process.BaseProcess | None = None
     stopping = False
 
     def _stop(*_: object) -> None:
         nonlocal stopping
         stopping = True
 
+    def start_worker(i: int) -> mp.process.BaseProcess:
+        p = ctx.Process(target=_worker_main, args=(i, rules_queue, me), name=f"sc-gateway-{i}")
+        p.start()
+        return p
+
+    def start_rules() -> mp.process.BaseProcess:
+        p = ctx.Process(target=rules_main, args=(rules_queue, me), name="sc-gateway-rules")
+        p.start()
+        return p
+
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    if rules_queue is not None:
+        rules_proc = start_rules()
     for i in range(s.workers):
-        procs[i] = ctx.Process(target=_worker_main, args=(i,), name=f"sc-gateway-{i}")
-        procs[i].start()
+        procs[i] = start_worker(i)
     while not stopping:
-        time.sleep(0.5)
+        time.sleep(0.2)
         for i, p in list(procs.items()):
             if not p.is_alive() and not stopping:
                 log.error("worker_died_restarting", extra={"worker": i, "exitcode": p.exitcode})
-                procs[i] = ctx.Process(target=_worker_main, args=(i,), name=f"sc-gateway-{i}")
-                procs[i].start()
+                procs[i] = start_worker(i)
+        if rules_proc is not None and not rules_proc.is_alive() and not stopping:
+            log.error("rules_process_died_restarting", extra={"exitcode": rules_proc.exitcode})
+            rules_proc = start_rules()
     for p in procs.values():
         if p.pid and p.is_alive():
             os.kill(p.pid, signal.SIGTERM)
     for p in procs.values():
         p.join(timeout=20)
+    if rules_proc is not None and rules_queue is not None:
+        try:
+            rules_queue.put(None, timeout=30)
+        except Exception as exc:
+            log.error("rules_stop_not_sent", extra={"error": str(exc)})
+        rules_proc.join(timeout=60)
+        if rules_proc.is_alive():
+            log.error("rules_process_did_not_stop")
+            rules_proc.kill()
+            rules_proc.join(timeout=5)
     return 0

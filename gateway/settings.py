@@ -105,9 +105,34 @@ class Settings(BaseSettings):
         30.0, gt=0, description="dead letters older than this are deleted (checked hourly)"
     )
 
+    # Rules stage
+    rules_enabled: bool = Field(
+        True, description="run the rules process: evaluate stored readings, write alarms to SQL"
+    )
+    rules_dirs: str = Field(
+        "",
+        description="colon-separated extra rule files or directories of *.yaml, loaded after the "
+        "default rules (site rules and overrides); checked at start-up, reloaded when they change",
+    )
+    rules_state_path: Path = Field(
+        Path(".var/rules-state.json"),
+        description="where the rules process keeps its state (timers, windows, open alarms) across restarts",
+    )
+    rules_snapshot_s: float = Field(5.0, gt=0, description="how often the rules state is saved")
+    rules_queue_batches: int = Field(
+        256,
+        ge=1,
+        le=100000,
+        description="batches in flight from the workers to the rules process; when it falls behind, "
+        "workers hold further batches (sc_rules_backlog) and then slow intake, never drop",
+    )
+
     # Observability
     metrics_port: int = Field(
-        9108, ge=0, le=65535, description="Prometheus /metrics port (0 = off); worker i uses +i"
+        9108,
+        ge=0,
+        le=65535,
+        description="Prometheus /metrics port (0 = off); worker i uses +i, the rules process +SC_WORKERS",
     )
     workers: int = Field(1, ge=1, le=64, description="gateway processes sharing the subscription")
 
@@ -141,6 +166,10 @@ class Settings(BaseSettings):
             if missing:
                 raise ValueError(f"influx_mode v2 needs {', '.join('SC_' + m.upper() for m in missing)}")
         return self
+
+    def rule_paths(self) -> list[Path]:
+        """The extra rule files and directories of SC_RULES_DIRS, in order."""
+        return [Path(p) for p in self.rules_dirs.split(":") if p.strip()]
 
     def topic_filters(self) -> list[str]:
         types = [t.strip() for t in self.mqtt_device_types.split(",") if t.strip()] or ["+"]

@@ -1,0 +1,416 @@
+"""The rules stage: workers hand stored readings to one rules process, which evaluates them and writes alarms.
+
+Rule state is per device, but a shared subscription spreads one device's messages over all workers, so
+the rules run in a single process per installation (docs/architecture.md). Each worker, after a batch is
+durable and acknowledged, packs its readings as compact tuples and puts them, one message per batch, on a
+bounded multiprocessing queue (`RulesFeeder`). It never blocks its event loop: when the queue is full the
+batch waits in the worker (`sc_rules_backlog`) and an async loop retries; past a bound the worker's next
+batch waits too, which slows intake (the broker holds the rest). Nothing is dropped.
+
+The rules process (`rules_main`, driven by `RulesRunner`) owns the `rules.engine.Engine`: it restores the
+engine's snapshot at start, evaluates every batch, ticks once a second, saves the snapshot atomically every
+SC_RULES_SNAPSHOT_S and at stop, reloads rule files whose mtimes changed (a bad edit is logged and the
+old rules kept), and writes verdicts to the SQL `alarms` table (`gateway.alarms.AlarmStore`). It stops
+when the supervisor sends `None`, after every worker has stopped, so it sees everything they stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Awaitable, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from gateway import logs, metrics
+from gateway.alarms import AlarmStore
+from gateway.db import make_engine
+from gateway.messages import Reading
+from gateway.settings import Settings
+from rules.engine import Engine, RuleSet
+from rules.loader import DEFAULT_RULES_DIR, RuleLoadError, load_rules, rule_files
+from rules.model import Observation, Verdict
+
+log = logging.getLogger("gateway.evaluate")
+
+#: the rules process's own /metrics (on SC_METRICS_PORT + SC_WORKERS)
+RULES_REGISTRY = CollectorRegistry(auto_describe=True)
+EVALUATED = Counter(
+    "sc_rules_evaluated", "observations evaluated by the rules process", registry=RULES_REGISTRY
+)
+VERDICTS = Counter(
+    "sc_rules_verdicts", "verdicts (alarm changes), by change", ["change"], registry=RULES_REGISTRY
+)
+LAG = Gauge(
+    "sc_rules_lag_seconds",
+    "gateway receive time of the newest evaluated observation to its evaluation",
+    registry=RULES_REGISTRY,
+)
+RULES_COUNT = Gauge("sc_rules_loaded", "rules in the rule set in use", registry=RULES_REGISTRY)
+
+TICK_MS = 1000
+RELOAD_CHECK_MS = 2000
+#: a compact, picklable Observation (Observation's mappings are read-only proxies, which do not pickle)
+Packed = tuple[Any, ...]
+
+
+class ObservationQueue(Protocol):
+    """What the hand-off needs of a multiprocessing queue (tests use a queue.Queue)."""
+
+    def put_nowait(self, item: Any, /) -> None: ...
+    def get(self, block: bool = True, timeout: float | None = None) -> Any: ...
+
+
+# ---- packing --------------------------------------------------------------------------------------------
+
+
+def pack(readings: Sequence[Reading]) -> list[Packed]:
+    """Readings as compact tuples with their registry context (see `unpack`)."""
+    out = []
+    for r in readings:
+        d: Any = r.device
+        attrs = getattr(d, "attributes", None)
+        out.append(
+            (
+                d.device_id,
+                d.device_type,
+                r.kind,
+                r.ts_ms,
+                r.received_ms or r.ts_ms,
+                r.values,
+                r.event,
+                r.seq,
+                d.community,
+                d.grid_code,
+                getattr(d, "building", None),
+                dict(attrs) if attrs else None,
+                d.lifecycle,
+            )
+        )
+    return out
+
+
+_EMPTY: Any = MappingProxyType({})
+
+
+def unpack(t: Packed) -> Observation:
+    """The Observation of a packed reading (as `rules.model.observation_of` would make it)."""
+    did, dtype, kind, ts, received, values, event, seq, community, grid, building, attrs, lifecycle = t
+    return Observation(
+        device_id=did,
+        device_type=dtype,
+        kind=kind,
+        ts_ms=ts,
+        received_ms=received,
+        values=values,
+        event=event,
+        seq=seq,
+        community=community,
+        grid_code=grid,
+        building=building,
+        attributes=MappingProxyType(attrs) if attrs else _EMPTY,
+        lifecycle=lifecycle,
+    )
+
+
+# ---- worker side ----------------------------------------------------------------------------------------
+
+
+class RulesFeeder:
+    """The `Pipeline(on_readings=...)` hook of a worker: one queue message per stored batch."""
+
+    def __init__(self, q: ObservationQueue, *, max_pending_batches: int = 64, retry_s: float = 0.02) -> None:
+        self._q = q
+        self._pending: deque[list[Packed]] = deque()
+        self._backlog = 0
+        self._max_pending = max_pending_batches
+        self._retry_s = retry_s
+        self._has_pending = asyncio.Event()
+        self.sent = 0
+
+    @property
+    def backlog(self) -> int:
+        """Observations waiting in this worker for room in the queue."""
+        return self._backlog
+
+    def __call__(self, readings: list[Reading]) -> Awaitable[None] | None:
+        packed = pack(readings)
+        if not self._pending and self._put(packed):
+            return None
+        self._pending.append(packed)
+        self._backlog += len(packed)
+        metrics.RULES_BACKLOG.set(self._backlog)
+        self._has_pending.set()
+        if len(self._pending) >= self._max_pending:
+            return self._wait_for_room()
+        return None
+
+    def _put(self, packed: list[Packed]) -> bool:
+        try:
+            self._q.put_nowait(packed)
+        except queue.Full:
+            return False
+        self.sent += len(packed)
+        metrics.RULES_SENT.inc(len(packed))
+        return True
+
+    def _flush_pending(self) -> None:
+        while self._pending and self._put(self._pending[0]):
+            self._backlog -= len(self._pending.popleft())
+        metrics.RULES_BACKLOG.set(self._backlog)
+        if not self._pending:
+            self._has_pending.clear()
+
+    async def _wait_for_room(self) -> None:
+        while len(self._pending) >= self._max_pending:
+            await asyncio.sleep(self._retry_s)
+
+    async def run(self) -> None:
+        """Retry what waits, without blocking the event loop."""
+        while True:
+            await self._has_pending.wait()
+            self._flush_pending()
+            if self._pending:
+                await asyncio.sleep(self._retry_s)
+
+    async def drain(self, timeout_s: float) -> int:
+        """At shutdown: hand on what waits, within timeout_s; returns the observations left behind."""
+        deadline = time.monotonic() + timeout_s
+        while self._pending and time.monotonic() < deadline:
+            self._flush_pending()
+            if self._pending:
+                await asyncio.sleep(self._retry_s)
+        if self._pending:
+            log.error("rules_handoff_incomplete", extra={"observations": self._backlog})
+        return self._backlog
+
+
+# ---- the rules process ----------------------------------------------------------------------------------
+
+
+def rule_paths(s: Settings) -> list[Path]:
+    """The default rules, then SC_RULES_DIRS in order."""
+    return [DEFAULT_RULES_DIR, *s.rule_paths()]
+
+
+def load_configured_rules(s: Settings) -> RuleSet:
+    """Load and validate the rules the settings name (RuleLoadError names the file and rule)."""
+    return load_rules(rule_paths(s))
+
+
+def _signature(paths: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
+    out = []
+    for f in rule_files(paths):
+        try:
+            st = f.stat()
+        except OSError:
+            out.append((str(f), -1, -1))
+        else:
+            out.append((str(f), st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class RulesRunner:
+    """The rules process's work, without the process: testable with a queue.Queue and a SQLite file."""
+
+    def __init__(self, s: Settings, store: AlarmStore, *, rules: RuleSet | None = None) -> None:
+        self.s = s
+        self.store = store
+        self.paths = rule_paths(s)
+        self._signature = _signature(self.paths)
+        self.engine = Engine(rules if rules is not None else load_rules(self.paths))
+        self.state_path = s.rules_state_path
+        self._lifecycles: dict[str, str] = {}
+        self._unwritten: list[Verdict] = []
+        self._store_failing = False
+        now = _now_ms()
+        self._next_tick = now + TICK_MS
+        self._next_reload_check = now + RELOAD_CHECK_MS
+        self._next_snapshot = now + int(s.rules_snapshot_s * 1000)
+        self.observations = 0
+        self.verdicts = 0
+
+    # -- state
+
+    def restore(self) -> None:
+        path = self.state_path
+        if not path.exists():
+            return
+        try:
+            self.engine.restore(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            aside = path.with_name(path.name + ".bad")
+            with contextlib.suppress(OSError):
+                path.replace(aside)
+            log.error(
+                "rules_state_unreadable",
+                extra={"path": str(path), "moved_to": str(aside), "error": str(exc)},
+            )
+            return
+        log.info(
+            "rules_state_restored",
+            extra={"path": str(path), "open_alarms": len(self.engine.open_alarms())},
+        )
+
+    def save(self) -> None:
+        """Write the engine's snapshot atomically (temp file, fsync, rename)."""
+        path = self.state_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        data = json.dumps(self.engine.snapshot(), separators=(",", ":"), ensure_ascii=False)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    # -- work
+
+    def process(self, batch: Sequence[Packed]) -> None:
+        observations = [unpack(t) for t in batch]
+        lifecycles = self._lifecycles
+        for obs in observations:
+            lifecycles[obs.device_id] = obs.lifecycle
+        self.observations += len(observations)
+        self._emit(self.engine.process_batch(observations))
+        EVALUATED.inc(len(observations))
+        if observations:
+            LAG.set(max(0, _now_ms() - observations[-1].received_ms) / 1000)
+
+    def _emit(self, verdicts: list[Verdict]) -> None:
+        if verdicts:
+            self.verdicts += len(verdicts)
+            self._unwritten.extend(verdicts)
+            for v in verdicts:
+                VERDICTS.labels(v.change).inc()
+                if v.change in ("opened", "cleared", "escalated"):
+                    log.info(
+                        f"alarm_{v.change}",
+                        extra={"rule": v.rule_id, "key": v.key, "urgency": v.urgency, "message": v.message},
+                    )
+        self._write()
+
+    def _write(self) -> None:
+        if not self._unwritten:
+            return
+        try:
+            self.store.apply(self._unwritten, self._lifecycles, _now_ms())
+        except Exception as exc:
+            # Infrastructure: keep the verdicts and try again on the next housekeeping round.
+            if not self._store_failing:
+                log.error("alarm_store_failing", extra={"error": str(exc), "waiting": len(self._unwritten)})
+            self._store_failing = True
+            return
+        if self._store_failing:
+            log.warning("alarm_store_recovered")
+        self._store_failing = False
+        self._unwritten = []
+
+    def housekeeping(self, now_ms: int | None = None) -> None:
+        """Tick, reload changed rule files and save the snapshot when each is due."""
+        now = _now_ms() if now_ms is None else now_ms
+        if now >= self._next_tick:
+            self._emit(self.engine.tick(now))
+            self._next_tick = now + TICK_MS
+        elif self._unwritten:
+            self._write()
+        if now >= self._next_reload_check:
+            self._next_reload_check = now + RELOAD_CHECK_MS
+            self.reload_if_changed(now)
+        if now >= self._next_snapshot:
+            self._next_snapshot = now + int(self.s.rules_snapshot_s * 1000)
+            try:
+                self.save()
+            except OSError as exc:
+                log.error("rules_state_save_failed", extra={"path": str(self.state_path), "error": str(exc)})
+
+    def reload_if_changed(self, now_ms: int) -> bool:
+        sig = _signature(self.paths)
+        if sig == self._signature:
+            return False
+        self._signature = sig
+        try:
+            rules = load_rules(self.paths)
+        except RuleLoadError as exc:
+            log.error("rules_reload_failed", extra={"error": str(exc), "file": exc.file, "rule": exc.rule})
+            return False
+        self._emit(self.engine.swap(rules, now_ms))
+        RULES_COUNT.set(len(rules))
+        log.info("rules_reloaded", extra={"rules": len(rules), "files": len(rules.files)})
+        return True
+
+    def wait_s(self) -> float:
+        """How long the loop may wait for a batch before housekeeping is due."""
+        return max(0.0, min(self._next_tick, self._next_snapshot) - _now_ms()) / 1000
+
+    def stop(self) -> None:
+        self._emit(self.engine.tick(_now_ms()))
+        self.save()
+        if self._unwritten:
+            log.error("alarms_not_written_at_stop", extra={"verdicts": len(self._unwritten)})
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Linux: be killed when the supervisor dies (a crash of the gateway is a crash of all its processes)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def run_rules(s: Settings, q: ObservationQueue) -> None:
+    """The rules process's loop, until `None` arrives on the queue."""
+    engine = make_engine(s.database_url)
+    runner = RulesRunner(s, AlarmStore(engine))
+    runner.restore()
+    RULES_COUNT.set(len(runner.engine.rules))
+    if s.metrics_port:
+        start_http_server(s.metrics_port + s.workers, addr="127.0.0.1", registry=RULES_REGISTRY)
+    log.info(
+        "rules_started",
+        extra={"rules": len(runner.engine.rules), "files": len(runner.engine.rules.files)},
+    )
+    try:
+        while True:
+            try:
+                item = q.get(timeout=runner.wait_s())
+            except queue.Empty:
+                item = ()
+            if item is None:
+                break
+            if item:
+                runner.process(item)
+            runner.housekeeping()
+    finally:
+        runner.stop()
+        engine.dispose()
+    log.info("rules_stopped", extra={"observations": runner.observations, "verdicts": runner.verdicts})
+
+
+def rules_main(q: ObservationQueue, parent_pid: int) -> None:
+    """Entry point of the spawned rules process. It ignores SIGINT/SIGTERM (a Ctrl-C or a service manager
+    signals the whole group): it stops when the supervisor says so, after the workers."""
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    s = Settings()
+    logs.setup(s.log_level, s.log_json)
+    run_rules(s, q)
