@@ -32,8 +32,44 @@ from stack.services import InfluxService, free_port, start_influxdb, start_mosqu
 TYPES = ("streetlight", "parking_sensor", "manhole_cover", "access_control", "smoke_detector")
 
 
-def build_messages(n_devices: int, n_messages: int, seed: int) -> tuple[list[dict[str, object]], Encoded]:
-    """Device rows and telemetry messages (round robin over devices), values inside each field's range."""
+# A quiet day: readings inside every default rule's good side (rules evaluate, alarms stay rare).
+# Fields not listed draw over their whole plausible range, as in --storm for all of them.
+QUIET: dict[str, tuple[float, float] | bool] = {
+    "tilt_deg": (0.0, 3.0),
+    "cover_open": False,
+    "water_level_cm": (100.0, 400.0),
+    "ch4_lel_pct": (0.0, 5.0),
+    "h2s_ppm": (0.0, 2.0),
+    "co_ppm": (0.0, 10.0),
+    "o2_pct": (20.0, 21.0),
+    "temperature_c": (10.0, 30.0),
+    "battery_pct": (40.0, 100.0),
+    "rssi_dbm": (-100.0, -60.0),
+    "lamp_on": True,
+    "dimming_pct": (50.0, 100.0),
+    "voltage_v": (215.0, 225.0),
+    "current_a": (0.3, 0.8),
+    "power_w": (60.0, 150.0),
+    "power_factor": (0.9, 1.0),
+    "energy_kwh": (100.0, 200.0),
+    "leakage_ma": (0.0, 10.0),
+    "pole_tilt_deg": (0.0, 1.0),
+    "lux": (0.0, 5.0),
+    "door_open": False,
+    "occupied": False,
+    "alarm": False,
+    "smoke_obscuration_pct_m": (0.0, 1.0),
+}
+
+
+def build_messages(
+    n_devices: int, n_messages: int, seed: int, storm: bool = False
+) -> tuple[list[dict[str, object]], Encoded]:
+    """Device rows and telemetry messages (round robin over devices).
+
+    Values are a quiet day's (QUIET) unless `storm`, which draws every value over its field's whole
+    plausible range: valid for the gateway, but an alarm storm for the rules.
+    """
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n_devices):
@@ -51,11 +87,18 @@ def build_messages(n_devices: int, n_messages: int, seed: int) -> tuple[list[dic
     for t in TYPES:
         cols = []
         for f in THING_MODELS[t].telemetry:
+            quiet = None if storm else QUIET.get(f.name)
             if f.kind is bool:
-                cols.append((f.name, rng.integers(0, 2, n_messages).astype(bool)))
+                if isinstance(quiet, bool):
+                    cols.append((f.name, np.full(n_messages, quiet)))
+                else:
+                    cols.append((f.name, rng.integers(0, 2, n_messages).astype(bool)))
             else:
-                lo = f.minimum if f.minimum is not None else 0.0
-                hi = f.maximum if f.maximum is not None else lo + 1000.0
+                if isinstance(quiet, tuple):
+                    lo, hi = quiet
+                else:
+                    lo = f.minimum if f.minimum is not None else 0.0
+                    hi = f.maximum if f.maximum is not None else lo + 1000.0
                 cols.append((f.name, np.round(rng.uniform(lo, hi, n_messages), 2)))
         per_type[t] = cols
     msgs = []
@@ -368,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
     ap.add_argument("--no-rules", action="store_true", help="run the gateway without its rules stage")
+    ap.add_argument(
+        "--storm",
+        action="store_true",
+        help="values over each field's whole range: an alarm storm for the rules",
+    )
     args = ap.parse_args(argv)
 
     root = Path(tempfile.mkdtemp(prefix="sc-bench-", dir="/tmp"))
@@ -375,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"building {args.messages} messages for {args.devices} devices ...", flush=True)
     if args.devices < 500:
         ap.error("--devices must be at least 500 (one publish chunk), so no device repeats within a chunk")
-    rows, enc = build_messages(args.devices, args.messages, args.seed)
+    rows, enc = build_messages(args.devices, args.messages, args.seed, storm=args.storm)
     mq = start_mosquitto(root / "mosquitto")
     influx = start_influxdb(root / "influxdb")
     try:
