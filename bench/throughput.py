@@ -258,7 +258,9 @@ def run_gateway(
     gateway_account: Credentials,
     publisher: Credentials,
     rules: bool = True,
+    tag: str = "bench",
 ) -> dict[str, float]:
+    """One gateway phase; `tag` names its InfluxDB database, instance, spool and state."""
     db_url = f"sqlite:///{root / 'registry.db'}"
     from gateway.db import make_engine, migrate
     from gateway.registry import DeviceRecord, Registry
@@ -276,15 +278,16 @@ def run_gateway(
         SC_MQTT_USERNAME=gateway_account.username,
         SC_MQTT_PASSWORD=gateway_account.password,
         SC_INFLUX_URL=influx.url,
-        SC_INFLUX_DB="bench",
+        SC_INFLUX_DB=tag,
         SC_DATABASE_URL=db_url,
-        SC_SPOOL_DIR=str(root / "spool"),
+        SC_SPOOL_DIR=str(root / f"spool-{tag}"),
         SC_METRICS_PORT=str(metrics_port),
         SC_WORKERS=str(workers),
-        SC_INSTANCE="bench",
+        SC_INSTANCE=tag,
+        SC_MQTT_SHARE_GROUP=f"g-{tag}",
         SC_LOG_LEVEL="WARNING",
         SC_RULES_ENABLED="true" if rules else "false",
-        SC_RULES_STATE_PATH=str(root / "rules-state.json"),
+        SC_RULES_STATE_PATH=str(root / f"rules-state-{tag}.json"),
     )
     log = open(root / "gateway.log", "wb")  # noqa: SIM115
     argv = [sys.executable, "-m", "gateway.cli", "run"]
@@ -376,7 +379,7 @@ def run_gateway(
     # verify by query: one point per message
     landed = 0
     for t in TYPES:
-        r = influx.query(f'SELECT count("seq") FROM "{t}"', db="bench")
+        r = influx.query(f'SELECT count("seq") FROM "{t}"', db=tag)
         series = r["results"][0].get("series")
         if series:
             landed += int(series[0]["values"][0][1])
@@ -411,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
     ap.add_argument("--no-rules", action="store_true", help="run the gateway without its rules stage")
+    ap.add_argument(
+        "--compare-rules",
+        action="store_true",
+        help="after the run with rules, run the same load without them and print the drop",
+    )
     ap.add_argument(
         "--storm",
         action="store_true",
@@ -453,6 +461,24 @@ def main(argv: list[str] | None = None) -> int:
             publisher,
             rules=not args.no_rules,
         )
+        plain = None
+        if args.compare_rules and not args.no_rules:
+            print(f"gateway: {args.workers} worker(s), without rules (same load, same run) ...", flush=True)
+            plain = run_gateway(
+                root,
+                mq.port,
+                mq.pid,
+                influx,
+                rows,
+                enc,
+                args.workers,
+                args.window,
+                args.rate,
+                gateway_account,
+                publisher,
+                rules=False,
+                tag="bench_norules",
+            )
     finally:
         mq.stop()
         influx.stop()
@@ -484,6 +510,14 @@ publisher {gw["publisher_cpu_pct"]:.0f} %
 """,
         flush=True,
     )
+    if plain is not None:
+        drop = 100 * (1 - gw["rate"] / plain["rate"])
+        print(
+            f"with vs without rules      {gw['rate']:.0f} vs {plain['rate']:.0f} msg/s stored "
+            f"({drop:.0f} % drop; rules evaluated {gw['rules_rate']:.0f} msg/s); "
+            f"without rules: landed {plain['landed']}, lost {plain['lost']}",
+            flush=True,
+        )
     if args.json:
         print(json.dumps({"gateway": gw, "baseline": base, "ratio": ratio}))
     shutil.rmtree(root, ignore_errors=True)
