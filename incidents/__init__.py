@@ -1,0 +1,1 @@
+"""Governance incidents: classification, routing, lifecycle and the signed CloudEvents envelope (pure)."""
