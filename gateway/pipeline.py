@@ -15,7 +15,6 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -352,22 +351,6 @@ class Pipeline:
                 if not failing:
                     log.error("registry_refresh_failing", extra={"error": str(exc)})
                 failing = True
-
-    async def run(self) -> None:
-        tasks = [
-            self.run_intake(),
-            self.run_ticker(),
-            self.run_writer(),
-            self.store.drain_forever(),
-            self.run_state_flusher(),
-            self.run_registry_refresh(),
-        ]
-        async with asyncio.TaskGroup() as tg:
-            for coro in tasks:
-                tg.create_task(coro)
-
-    def reject_reason_counts(self) -> dict[str, Any]:
-        return dict(self.stats)
 
 
 def db_rejections(rejected: Rejected, now_ms: int) -> list[Rejection]:
