@@ -30,6 +30,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
     text,
@@ -456,4 +457,87 @@ alarms = Table(
     Index(None, "state", "community"),
     Index(None, "device_id"),
     Index(None, "opened_at"),
+)
+
+INCIDENT_STATUSES: Final = ("open", "resolved")
+INCIDENT_ID_LEN: Final = 32
+DEDUP_KEY_LEN: Final = ALARM_KEY_LEN + 1 + RULE_ID_LEN
+OUTBOX_STATES: Final = ("pending", "delivered", "failed", "disabled", "held")
+ENDPOINT_LEN: Final = 512
+
+# Governance incidents (incidents/, incident-delivery v1): the latest state of each incident, its JSON
+# (`data`, as the case system receives it) beside the columns people filter on. At most one open
+# incident per dedup key, enforced by a partial unique index.
+incidents = Table(
+    "incidents",
+    metadata,
+    Column("incident_id", String(INCIDENT_ID_LEN), primary_key=True),
+    Column("dedup_key", String(DEDUP_KEY_LEN), nullable=False),
+    Column("rule_id", String(RULE_ID_LEN), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("urgency", String(2), nullable=False),
+    # raised while the device was not in service: kept, never delivered
+    Column("commissioning", Boolean, nullable=False),
+    Column("data", JSONDocument, nullable=False),
+    Column("opened_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("resolved_at", UTCDateTime),
+    CheckConstraint("status IN ({})".format(", ".join(f"'{x}'" for x in INCIDENT_STATUSES)), name="status"),
+    Index(
+        "uq_incidents_open_dedup_key",
+        "dedup_key",
+        unique=True,
+        sqlite_where=text("status = 'open'"),
+        postgresql_where=text("status = 'open'"),
+    ),
+    Index(None, "dedup_key"),
+    Index(None, "status", "urgency"),
+    Index(None, "opened_at"),
+)
+
+# Append-only history of every incident change and who made it: `rule:<id>`, `device:<id>`, `user:<...>`
+# or `incident_system`. `change` holds the whole incident for `opened`, else {field: [old, new]}.
+incident_history = Table(
+    "incident_history",
+    metadata,
+    Column("id", AutoIncrementId, primary_key=True, autoincrement=True),
+    Column("incident_id", String(INCIDENT_ID_LEN), nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    Column("event_type", String(32), nullable=False),
+    Column("actor", String(160), nullable=False),
+    Column("change", JSONDocument, nullable=False),
+    Index(None, "incident_id"),
+)
+
+# The last sequence number given out per local (UTC+8) date: INC-YYYYMMDD-NNNNNN.
+incident_counters = Table(
+    "incident_counters",
+    metadata,
+    Column("local_date", Date, primary_key=True),
+    Column("last_seq", Integer, nullable=False),
+)
+
+# The transactional outbox: one row per (incident change, endpoint), written in the transaction of the
+# change. `event_id` is the CloudEvents id and webhook-id (the same on every retry); `body` is the exact JSON
+# sent; `seq` orders the events of one incident (delivered in that order per endpoint).
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", AutoIncrementId, primary_key=True, autoincrement=True),
+    Column("event_id", String(36), nullable=False, unique=True),
+    Column("incident_id", String(INCIDENT_ID_LEN), nullable=False),
+    Column("endpoint", String(ENDPOINT_LEN), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("event_type", String(32), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0, server_default="0"),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("last_status", Integer),
+    Column("last_error", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("delivered_at", UTCDateTime),
+    CheckConstraint("state IN ({})".format(", ".join(f"'{x}'" for x in OUTBOX_STATES)), name="state"),
+    UniqueConstraint("incident_id", "endpoint", "seq"),
+    Index(None, "endpoint", "state", "next_attempt_at"),
 )
