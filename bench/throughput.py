@@ -8,6 +8,7 @@ subscriber as the baseline, with the ratio. Not part of the test suite: run `./m
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -447,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         rules_text = "without rules" if args.no_rules else "with the default rules"
         print(f"gateway: {args.workers} worker(s), {rules_text} ...", flush=True)
-        gw = run_gateway(
+        phase = functools.partial(
+            run_gateway,
             root,
             mq.port,
             mq.pid,
@@ -459,26 +461,12 @@ def main(argv: list[str] | None = None) -> int:
             args.rate,
             gateway_account,
             publisher,
-            rules=not args.no_rules,
         )
+        gw = phase(rules=not args.no_rules)
         plain = None
         if args.compare_rules and not args.no_rules:
             print(f"gateway: {args.workers} worker(s), without rules (same load, same run) ...", flush=True)
-            plain = run_gateway(
-                root,
-                mq.port,
-                mq.pid,
-                influx,
-                rows,
-                enc,
-                args.workers,
-                args.window,
-                args.rate,
-                gateway_account,
-                publisher,
-                rules=False,
-                tag="bench_norules",
-            )
+            plain = phase(rules=False, tag="bench_norules")
     finally:
         mq.stop()
         influx.stop()
