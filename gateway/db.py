@@ -541,3 +541,60 @@ outbox = Table(
     UniqueConstraint("incident_id", "endpoint", "seq"),
     Index(None, "endpoint", "state", "next_attempt_at"),
 )
+
+# Incident-system endpoints that answered 410 Gone: no delivery goes there until an operator re-enables it
+# (`sc-gateway deliveries enable NAME`); their new outbox rows are written `disabled`, to be re-sent then.
+ENDPOINT_NAME_LEN: Final = 64
+delivery_endpoints = Table(
+    "delivery_endpoints",
+    metadata,
+    Column("name", String(ENDPOINT_NAME_LEN), primary_key=True),
+    Column("disabled_at", UTCDateTime),
+    Column("disabled_reason", Text),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# What the incident system reported of a case (back-channel): dispatched, in_progress, closed, false_alarm.
+# `report_id`, when the reporter gives one, makes a repeated report a no-op.
+REPORT_STATUSES: Final = ("dispatched", "in_progress", "closed", "false_alarm")
+incident_reports = Table(
+    "incident_reports",
+    metadata,
+    Column("id", AutoIncrementId, primary_key=True, autoincrement=True),
+    Column("incident_id", String(INCIDENT_ID_LEN), nullable=False),
+    Column("report_id", String(128), unique=True),
+    Column("status", String(16), nullable=False),
+    Column("case_id", String(128)),
+    Column("note", Text),
+    Column("actor", String(160), nullable=False),
+    Column("reported_at", UTCDateTime, nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+    CheckConstraint("status IN ({})".format(", ".join(f"'{x}'" for x in REPORT_STATUSES)), name="status"),
+    Index(None, "incident_id"),
+)
+
+# False alarms reported by the incident system, counted per rule and device ('' for a group incident),
+# for whoever tunes the rules.
+false_alarms = Table(
+    "false_alarms",
+    metadata,
+    Column("rule_id", String(RULE_ID_LEN), primary_key=True),
+    Column("device_id", String(DEVICE_ID_LEN), primary_key=True),
+    Column("count", Integer, nullable=False),
+    Column("last_at", UTCDateTime, nullable=False),
+    Column("last_incident_id", String(INCIDENT_ID_LEN), nullable=False),
+)
+
+# Alarms closed from outside the rules process (a case closed by the incident system): the rules process
+# resolves them in its engine (rules.engine.Engine.resolve) and sets done_at.
+alarm_resolutions = Table(
+    "alarm_resolutions",
+    metadata,
+    Column("id", AutoIncrementId, primary_key=True, autoincrement=True),
+    Column("rule_id", String(RULE_ID_LEN), nullable=False),
+    Column("alarm_key", String(ALARM_KEY_LEN), nullable=False),
+    Column("reason", String(32), nullable=False),
+    Column("requested_at", UTCDateTime, nullable=False),
+    Column("done_at", UTCDateTime),
+    Index(None, "done_at"),
+)

@@ -13,13 +13,20 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, and_, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from gateway.db import incident_counters, incident_history, incidents, outbox, write_transaction
+from gateway.db import (
+    delivery_endpoints,
+    incident_counters,
+    incident_history,
+    incidents,
+    outbox,
+    write_transaction,
+)
 from incidents.cloudevents import envelope
 from incidents.lifecycle import apply as lifecycle_apply
 from incidents.model import DeviceLike, EventType, Incident, dedup_key
@@ -30,6 +37,19 @@ from rules.model import Verdict
 INCIDENT_SYSTEM = "incident_system"
 #: outbox states a delivery is finished in (a later event of the same incident may go)
 _DONE = "delivered"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where incident changes go: an endpoint name (gateway.settings.EndpointConfig) and its role:
+    "cases" gets every delivered change, "escalation" those of escalated incidents only."""
+
+    name: str
+    role: Literal["cases", "escalation"] = "cases"
+
+
+def _target(e: Any) -> Target:
+    return e if isinstance(e, Target) else Target(e) if isinstance(e, str) else Target(e.name, e.role)
 
 
 def _utcnow() -> dt.datetime:
@@ -88,13 +108,16 @@ class IncidentStore:
     def __init__(
         self,
         engine: Engine,
-        endpoints: Sequence[str],
+        endpoints: Sequence[str | Target | Any],
         *,
         instance: str = "gateway",
         router: Router | None = None,
     ) -> None:
+        """`endpoints`: names (role "cases"), Targets, or objects with .name and .role (EndpointConfig);
+        the MQTT publication is an endpoint too (gateway.settings.MQTT_ENDPOINT)."""
         self.engine = engine
-        self.endpoints = list(dict.fromkeys(endpoints))
+        self.targets = list({t.name: t for t in map(_target, endpoints)}.values())
+        self.endpoints = [t.name for t in self.targets]
         self.instance = instance
         self.router = router
 
@@ -166,14 +189,24 @@ class IncidentStore:
         return int(conn.execute(stmt).scalar_one())
 
     def _enqueue(self, conn: Connection, incident: Incident, event_type: EventType, now: dt.datetime) -> None:
-        if not self.endpoints:
+        """One outbox row per target of this change; rows for an endpoint disabled by a 410 are written
+        `disabled` (re-sent, in order, when an operator enables it again)."""
+        names = [t.name for t in self.targets if t.role == "cases" or (incident.escalation_level > 0)]
+        if not names:
             return
+        disabled = set(
+            conn.execute(
+                select(delivery_endpoints.c.name).where(
+                    delivery_endpoints.c.name.in_(names), delivery_endpoints.c.disabled_at.is_not(None)
+                )
+            ).scalars()
+        )
         last = conn.execute(
             select(func.max(outbox.c.seq)).where(outbox.c.incident_id == incident.incident_id)
         ).scalar()
         seq = (last or 0) + 1
         rows = []
-        for endpoint in self.endpoints:
+        for endpoint in names:
             event_id = str(uuid.uuid4())
             body = _body(envelope(incident, event_type, self.instance, event_id, now))
             rows.append(
@@ -184,7 +217,7 @@ class IncidentStore:
                     "seq": seq,
                     "event_type": event_type,
                     "body": body,
-                    "state": "pending",
+                    "state": "disabled" if endpoint in disabled else "pending",
                     "attempts": 0,
                     "next_attempt_at": now,
                     "created_at": now,

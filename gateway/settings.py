@@ -5,10 +5,37 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_CREDENTIAL_KEY = "dev-only-credential-key-change-me"
+
+
+class EndpointConfig(BaseModel):
+    """One incident-system endpoint (SC_INCIDENT_ENDPOINTS is a JSON list of these).
+
+    `role` "cases" receives every incident change (not commissioning ones); "escalation" (e.g. the
+    command centre) receives the changes of escalated incidents only, from the escalation on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="stable name (kept in the outbox)")
+    url: str = Field(pattern=r"^https?://", description="where events are POSTed")
+    secret: SecretStr = Field(description="whsec_ + base64 bytes: the HMAC key of this endpoint")
+    role: Literal["cases", "escalation"] = "cases"
+    timeout_s: float = Field(5.0, gt=0, le=120, description="no answer within this is a failed attempt")
+
+    @field_validator("secret")
+    @classmethod
+    def _whsec(cls, value: SecretStr) -> SecretStr:
+        from incidents.cloudevents import secret_key
+
+        secret_key(value.get_secret_value())  # raises with the reason
+        return value
+
+
+#: the outbox's pseudo-endpoint of the local MQTT publication (sc/v1/incidents/...)
+MQTT_ENDPOINT = "mqtt"
 
 
 class Settings(BaseSettings):
@@ -127,6 +154,35 @@ class Settings(BaseSettings):
         "workers hold further batches (sc_rules_backlog) and then slow intake, never drop",
     )
 
+    # Incidents and their delivery (shared/spec/incident-delivery.md)
+    incidents_enabled: bool = Field(
+        True, description="turn alarms into governance incidents (needs SC_RULES_ENABLED)"
+    )
+    incident_endpoints: list[EndpointConfig] = Field(
+        default_factory=list,
+        description='JSON list of {"name","url","secret":"whsec_...","role":"cases"|"escalation"}',
+    )
+    incident_mqtt: bool = Field(
+        True, description="also publish every delivered incident change on sc/v1/incidents/{community}/{id}"
+    )
+    delivery_retry_hours: float = Field(
+        48.0, ge=24.0, description="a delivery is retried (backoff with jitter) for at least this long"
+    )
+    delivery_backoff_max_s: float = Field(
+        900.0, ge=1, description="longest pause between two attempts of one delivery"
+    )
+    delivery_poll_s: float = Field(
+        1.0, gt=0, description="how often the delivery process looks for due retries and outside changes"
+    )
+    escalation_check_s: float = Field(
+        5.0, gt=0, description="how often unacknowledged P1 incidents past respond-by are escalated"
+    )
+    reminder_after_h: dict[str, float] = Field(
+        default_factory=lambda: {"P1": 1.0, "P2": 24.0, "P3": 72.0},
+        description="JSON {urgency: hours}: an open incident older than this gets an `updated` reminder, "
+        "and again every such period; urgencies not named get none",
+    )
+
     # Observability
     metrics_port: int = Field(
         9108,
@@ -161,6 +217,12 @@ class Settings(BaseSettings):
             )
         if self.workers > 1 and not self.mqtt_share_group:
             raise ValueError("SC_WORKERS > 1 needs SC_MQTT_SHARE_GROUP: each worker would get every message")
+        names = [e.name for e in self.incident_endpoints]
+        if len(set(names)) != len(names) or MQTT_ENDPOINT in names:
+            raise ValueError(f"incident endpoint names must be unique and not {MQTT_ENDPOINT!r}: {names}")
+        bad = sorted(set(self.reminder_after_h) - {"P1", "P2", "P3", "P4"})
+        if bad or any(h <= 0 for h in self.reminder_after_h.values()):
+            raise ValueError("SC_REMINDER_AFTER_H: urgencies P1-P4, hours > 0")
         if self.influx_mode == "v2":
             missing = [n for n in ("influx_org", "influx_bucket", "influx_token") if getattr(self, n) is None]
             if missing:
@@ -183,7 +245,8 @@ def describe() -> str:
     """Every setting with its env name, default and meaning (for `sc-gateway settings`)."""
     lines = []
     for name, f in Settings.model_fields.items():
-        default = f.default.get_secret_value() if isinstance(f.default, SecretStr) else f.default
+        default = f.get_default(call_default_factory=True)
+        default = default.get_secret_value() if isinstance(default, SecretStr) else default
         if "key" in name or "password" in name or "token" in name:
             default = "(secret)" if default else None
         lines.append(f"SC_{name.upper():28} default={default!s:28} {f.description or ''}")

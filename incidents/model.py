@@ -104,8 +104,26 @@ class Incident(_Frozen):
     dispatch_to: tuple[str, ...] = ()
     members: tuple[str, ...] = ()
     resolution: str | None = None
+    #: the case system's id for it, once it reported one (back-channel)
+    case_id: str | None = None
+    #: first acknowledgement (the case system reported it dispatched / in progress, or a manager acked it)
+    acknowledged_at: Time | None = None
+    acknowledged_by: str | None = None
+    #: 0, or 1 once escalated (a P1 not acknowledged within its respond-by time)
+    escalation_level: int = Field(0, ge=0)
+    escalated_at: Time | None = None
+    #: reminders sent for a long-open incident
+    reminders: int = Field(0, ge=0)
 
-    _aware = field_validator("opened_at", "updated_at", "resolved_at", "respond_by", "resolve_by")(_aware)
+    _aware = field_validator(
+        "opened_at",
+        "updated_at",
+        "resolved_at",
+        "respond_by",
+        "resolve_by",
+        "acknowledged_at",
+        "escalated_at",
+    )(_aware)
 
     @property
     def is_open(self) -> bool:
