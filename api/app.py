@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy import Engine
 
-from api import commissioning, installers, places
+from api import commissioning, incidents, installers, places
 from api.errors import install_error_handlers
 from api.services import Services
 from api.settings import ApiSettings
@@ -34,6 +34,11 @@ TAGS = [
         "devices seen on the broker; messages set aside.",
     },
     {"name": "places", "description": "The place hierarchy: district → street → community → grid."},
+    {
+        "name": "incidents",
+        "description": "Governance incidents: the incident system's progress reports (back-channel), "
+        "reading incidents with their history, acknowledging, false-alarm counts.",
+    },
     {"name": "responsible units", "description": "Units that act on devices (权属/养护单位)."},
     {"name": "meta", "description": "Liveness."},
 ]
@@ -85,6 +90,7 @@ def create_app(
     app.include_router(installers.router)
     app.include_router(commissioning.router)
     app.include_router(places.router)
+    app.include_router(incidents.router)
 
     @app.get("/healthz", tags=["meta"], summary="The API is up (no key needed)")
     def healthz() -> dict[str, str]:

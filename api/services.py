@@ -10,8 +10,10 @@ from sqlalchemy import Engine
 from api.auth import ApiKeyStore
 from api.settings import ApiSettings
 from gateway.deadletter import DeadLetterStore, DeviceStateStore
+from gateway.incident_store import IncidentStore
 from gateway.installers import CredentialIssuer, Installers
 from gateway.registry import Places, Registry, ResponsibleUnits
+from gateway.settings import MQTT_ENDPOINT
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class Services:
     deadletters: DeadLetterStore
     states: DeviceStateStore
     keys: ApiKeyStore
+    incidents: IncidentStore
 
     @classmethod
     def make(cls, settings: ApiSettings, engine: Engine, issuer: CredentialIssuer) -> Services:
@@ -39,6 +42,11 @@ class Services:
             deadletters=DeadLetterStore(engine),
             states=DeviceStateStore(engine),
             keys=ApiKeyStore(engine),
+            incidents=IncidentStore(
+                engine,
+                [*settings.incident_endpoints, *([MQTT_ENDPOINT] if settings.incident_mqtt else [])],
+                instance=settings.instance,
+            ),
         )
 
 

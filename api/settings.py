@@ -6,6 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from gateway.installers import InstallerSettings
+from gateway.settings import EndpointConfig
 
 
 class ApiSettings(InstallerSettings):
@@ -19,3 +20,11 @@ class ApiSettings(InstallerSettings):
     api_max_import_bytes: int = Field(
         64 << 20, ge=1024, description="largest import request body (a 100,000-row CSV is about 15 MB)"
     )
+
+    # the same as the gateway's: changes made through the API (case reports, acknowledgements) are
+    # delivered like the rules process's
+    instance: str = Field("local", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="CloudEvents source name")
+    incident_endpoints: list[EndpointConfig] = Field(
+        default_factory=list, description="the incident-system endpoints (see `sc-gateway settings`)"
+    )
+    incident_mqtt: bool = Field(True, description="incident changes are also published on MQTT")

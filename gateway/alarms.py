@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
 from gateway.db import alarms, write_transaction
 from rules.model import Verdict
@@ -79,16 +79,25 @@ class AlarmStore:
         self.engine = engine
 
     def apply(
-        self, verdicts: Sequence[Verdict], lifecycles: Mapping[str, str] | None = None, now_ms: int = 0
+        self,
+        verdicts: Sequence[Verdict],
+        lifecycles: Mapping[str, str] | None = None,
+        now_ms: int = 0,
+        *,
+        conn: Connection | None = None,
     ) -> int:
         """Write the verdicts (in order) in one transaction; returns the rows written. `lifecycles` maps a
         device id to its lifecycle as last seen (not in service at open time: commissioning noise).
 
         The verdicts of one (rule, key) are coalesced first: the open row's last values win, and an alarm
         that opened and cleared within the batch is inserted once, already cleared. Statements go out as
-        executemany (one per kind), so an alarm storm costs little per verdict."""
+        executemany (one per kind), so an alarm storm costs little per verdict. With `conn`, inside the
+        caller's transaction (the rules process writes incidents in the same one)."""
         if not verdicts:
             return 0
+        if conn is None:
+            with write_transaction(self.engine) as own:
+                return self.apply(verdicts, lifecycles, now_ms, conn=own)
         lifecycles = lifecycles or {}
         segments: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for v in verdicts:
@@ -136,13 +145,12 @@ class AlarmStore:
             alarms.c.alarm_key == bindparam("b_key"),
             alarms.c.state == "open",
         )
-        with write_transaction(self.engine) as conn:
-            if existing:
-                conn.execute(update(alarms).where(*open_row), existing)
-            if stale:
-                conn.execute(update(alarms).where(*open_row).values(state="cleared", change="cleared"), stale)
-            if inserts:
-                conn.execute(insert(alarms), inserts)
+        if existing:
+            conn.execute(update(alarms).where(*open_row), existing)
+        if stale:
+            conn.execute(update(alarms).where(*open_row).values(state="cleared", change="cleared"), stale)
+        if inserts:
+            conn.execute(insert(alarms), inserts)
         return len(existing) + len(inserts)
 
     def list(

@@ -478,6 +478,8 @@ incidents = Table(
     Column("urgency", String(2), nullable=False),
     # raised while the device was not in service: kept, never delivered
     Column("commissioning", Boolean, nullable=False),
+    # the device's community (data.location.community), for a manager's scope (migration 0006)
+    Column("community", String(128)),
     Column("data", JSONDocument, nullable=False),
     Column("opened_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
@@ -493,6 +495,7 @@ incidents = Table(
     Index(None, "dedup_key"),
     Index(None, "status", "urgency"),
     Index(None, "opened_at"),
+    Index(None, "community", "status"),
 )
 
 # Append-only history of every incident change and who made it: `rule:<id>`, `device:<id>`, `user:<...>`

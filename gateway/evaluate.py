@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import datetime as dt
 import json
 import logging
 import os
@@ -36,9 +37,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from gateway import logs, metrics
 from gateway.alarms import AlarmStore
-from gateway.db import make_engine
+from gateway.db import make_engine, write_transaction
+from gateway.incident_store import IncidentStore
 from gateway.messages import Reading
-from gateway.settings import Settings
+from gateway.registry import RegisteredDevice, Registry
+from gateway.settings import MQTT_ENDPOINT, Settings
+from incidents.model import DeviceLike
 from rules.engine import Engine, RuleSet
 from rules.loader import DEFAULT_RULES_DIR, RuleLoadError, load_rules, rule_files
 from rules.model import Observation, Verdict
@@ -59,6 +63,12 @@ LAG = Gauge(
     registry=RULES_REGISTRY,
 )
 RULES_COUNT = Gauge("sc_rules_loaded", "rules in the rule set in use", registry=RULES_REGISTRY)
+INCIDENT_CHANGES = Counter(
+    "sc_incident_changes",
+    "incident changes written (opened, updated, resolved, escalated, reminder)",
+    ["change"],
+    registry=RULES_REGISTRY,
+)
 
 TICK_MS = 1000
 RELOAD_CHECK_MS = 2000
@@ -226,12 +236,75 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class RulesRunner:
-    """The rules process's work, without the process: testable with a queue.Queue and a SQLite file."""
+def _dt(ms: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
 
-    def __init__(self, s: Settings, store: AlarmStore, *, rules: RuleSet | None = None) -> None:
+
+class Wakeup(Protocol):
+    """The write end of the pipe the delivery process waits on (multiprocessing Connection)."""
+
+    def fileno(self) -> int: ...
+
+
+class DeviceLookup:
+    """Registry devices for the incidents stage (place, routing, lifecycle), cached until the registry's
+    version changes (checked at most once per round)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._version = -1
+        self._cache: dict[str, RegisteredDevice | None] = {}
+
+    def devices(self, verdicts: Sequence[Verdict]) -> dict[str, DeviceLike]:
+        version = self.registry.current_version()
+        if version != self._version:
+            self._cache.clear()
+            self._version = version
+        out: dict[str, DeviceLike] = {}
+        for v in verdicts:
+            did = v.device_id or (v.members[0] if v.members else None)
+            if did is None or did in out:
+                continue
+            if did not in self._cache:
+                self._cache[did] = self.registry.describe(did)
+            found = self._cache[did]
+            if found is not None:
+                out[did] = found
+        return out
+
+
+def wake(wakeup: Wakeup | None) -> None:
+    """Tell the delivery process there is something to send (one byte; never blocks: a full pipe means
+    it has plenty of wake-ups waiting already)."""
+    if wakeup is None:
+        return
+    with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
+        os.write(wakeup.fileno(), b"\0")
+
+
+class RulesRunner:
+    """The rules process's work, without the process: testable with a queue.Queue and a SQLite file.
+
+    With `incidents`, verdicts also become governance incidents, written in the alarms' transaction with
+    their outbox rows; `wakeup` is then poked after each commit that queued deliveries. Every
+    SC_ESCALATION_CHECK_S it escalates and reminds (IncidentStore.escalate_due / remind_due) and resolves
+    in its engine the alarms whose cases the incident system closed."""
+
+    def __init__(
+        self,
+        s: Settings,
+        store: AlarmStore,
+        *,
+        rules: RuleSet | None = None,
+        incidents: IncidentStore | None = None,
+        registry: Registry | None = None,
+        wakeup: Wakeup | None = None,
+    ) -> None:
         self.s = s
         self.store = store
+        self.incidents = incidents
+        self.lookup = DeviceLookup(registry) if registry is not None and incidents is not None else None
+        self.wakeup = wakeup
         self.paths = rule_paths(s)
         self._signature = _signature(self.paths)
         self.engine = Engine(rules if rules is not None else load_rules(self.paths))
@@ -243,6 +316,7 @@ class RulesRunner:
         self._next_tick = now + TICK_MS
         self._next_reload_check = now + RELOAD_CHECK_MS
         self._next_snapshot = now + int(s.rules_snapshot_s * 1000)
+        self._next_incident_check = now + int(s.escalation_check_s * 1000)
         self.observations = 0
         self.verdicts = 0
 
@@ -310,7 +384,15 @@ class RulesRunner:
         if not self._unwritten:
             return
         try:
-            self.store.apply(self._unwritten, self._lifecycles, _now_ms())
+            now_ms = _now_ms()
+            devices = self.lookup.devices(self._unwritten) if self.lookup is not None else {}
+            with write_transaction(self.store.engine) as conn:
+                self.store.apply(self._unwritten, self._lifecycles, now_ms, conn=conn)
+                changes = (
+                    self.incidents.apply_many(conn, self._unwritten, devices, _dt(now_ms))
+                    if self.incidents is not None
+                    else []
+                )
         except Exception as exc:
             # Infrastructure: keep the verdicts and try again on the next housekeeping round.
             if not self._store_failing:
@@ -321,6 +403,41 @@ class RulesRunner:
             log.warning("alarm_store_recovered")
         self._store_failing = False
         self._unwritten = []
+        self._incident_changes([(i, t.rsplit(".", 1)[-1]) for i, t in changes])
+
+    def _incident_changes(self, changes: Sequence[tuple[Any, str]]) -> None:
+        if not changes:
+            return
+        for incident, change in changes:
+            INCIDENT_CHANGES.labels(change).inc()
+            if change != "updated" or incident.escalation_level:
+                log.info(
+                    f"incident_{change}",
+                    extra={
+                        "incident": incident.incident_id,
+                        "rule": incident.rule_id,
+                        "urgency": incident.urgency,
+                        "commissioning": incident.commissioning,
+                    },
+                )
+        if any(not i.commissioning for i, _ in changes):
+            wake(self.wakeup)
+
+    def incident_housekeeping(self, now_ms: int) -> None:
+        """Escalations, reminders, and alarms closed from outside (the case system closed the case)."""
+        if self.incidents is None:
+            return
+        now = _dt(now_ms)
+        try:
+            changes = [(i, "escalated") for i in self.incidents.escalate_due(now)]
+            changes += [(i, "reminder") for i in self.incidents.remind_due(self.s.reminder_after_h, now)]
+            resolutions = self.incidents.take_alarm_resolutions(now)
+        except Exception as exc:
+            log.error("incident_housekeeping_failed", extra={"error": str(exc)})
+            return
+        self._incident_changes(changes)
+        for rule_id, key in resolutions:
+            self._emit(self.engine.resolve(rule_id, key, now_ms))
 
     def housekeeping(self, now_ms: int | None = None) -> None:
         """Tick, reload changed rule files and save the snapshot when each is due."""
@@ -333,6 +450,9 @@ class RulesRunner:
         if now >= self._next_reload_check:
             self._next_reload_check = now + RELOAD_CHECK_MS
             self.reload_if_changed(now)
+        if now >= self._next_incident_check:
+            self._next_incident_check = now + int(self.s.escalation_check_s * 1000)
+            self.incident_housekeeping(now)
         if now >= self._next_snapshot:
             self._next_snapshot = now + int(self.s.rules_snapshot_s * 1000)
             try:
@@ -376,10 +496,19 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def run_rules(s: Settings, q: ObservationQueue) -> None:
+def incident_store(s: Settings, engine: Any) -> IncidentStore:
+    """The incident store of these settings: the configured endpoints, and the MQTT publication."""
+    targets: list[Any] = list(s.incident_endpoints)
+    if s.incident_mqtt:
+        targets.append(MQTT_ENDPOINT)
+    return IncidentStore(engine, targets, instance=s.instance)
+
+
+def run_rules(s: Settings, q: ObservationQueue, wakeup: Wakeup | None = None) -> None:
     """The rules process's loop, until `None` arrives on the queue."""
     engine = make_engine(s.database_url)
-    runner = RulesRunner(s, AlarmStore(engine))
+    incidents = incident_store(s, engine) if s.incidents_enabled else None
+    runner = RulesRunner(s, AlarmStore(engine), incidents=incidents, registry=Registry(engine), wakeup=wakeup)
     runner.restore()
     RULES_COUNT.set(len(runner.engine.rules))
     if s.metrics_port:
@@ -405,7 +534,7 @@ def run_rules(s: Settings, q: ObservationQueue) -> None:
     log.info("rules_stopped", extra={"observations": runner.observations, "verdicts": runner.verdicts})
 
 
-def rules_main(q: ObservationQueue, parent_pid: int) -> None:
+def rules_main(q: ObservationQueue, parent_pid: int, wakeup: Wakeup | None = None) -> None:
     """Entry point of the spawned rules process. It ignores SIGINT/SIGTERM (a Ctrl-C or a service manager
     signals the whole group): it stops when the supervisor says so, after the workers."""
     die_with_parent(parent_pid)
@@ -413,4 +542,6 @@ def rules_main(q: ObservationQueue, parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     s = Settings()
     logs.setup(s.log_level, s.log_json)
-    run_rules(s, q)
+    if wakeup is not None:
+        os.set_blocking(wakeup.fileno(), False)
+    run_rules(s, q, wakeup)

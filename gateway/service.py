@@ -241,6 +241,12 @@ def run(s: Settings) -> int:
     me = os.getpid()
     procs: dict[int, mp.process.BaseProcess] = {}
     rules_proc: mp.process.BaseProcess | None = None
+    delivery_proc: mp.process.BaseProcess | None = None
+    delivers = (
+        rules_queue is not None and s.incidents_enabled and bool(s.incident_endpoints or s.incident_mqtt)
+    )
+    # the rules process pokes the delivery process through this pipe after committing deliveries
+    wake_r, wake_w = ctx.Pipe(duplex=False) if delivers else (None, None)
     stopping = False
 
     def _stop(*_: object) -> None:
@@ -253,12 +259,21 @@ def run(s: Settings) -> int:
         return p
 
     def start_rules() -> mp.process.BaseProcess:
-        p = ctx.Process(target=rules_main, args=(rules_queue, me), name="sc-gateway-rules")
+        p = ctx.Process(target=rules_main, args=(rules_queue, me, wake_w), name="sc-gateway-rules")
+        p.start()
+        return p
+
+    def start_delivery() -> mp.process.BaseProcess:
+        from gateway.delivery import delivery_main
+
+        p = ctx.Process(target=delivery_main, args=(wake_r, me), name="sc-gateway-delivery")
         p.start()
         return p
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    if delivers:
+        delivery_proc = start_delivery()
     if rules_queue is not None:
         rules_proc = start_rules()
     for i in range(s.workers):
@@ -272,6 +287,9 @@ def run(s: Settings) -> int:
         if rules_proc is not None and not rules_proc.is_alive() and not stopping:
             log.error("rules_process_died_restarting", extra={"exitcode": rules_proc.exitcode})
             rules_proc = start_rules()
+        if delivery_proc is not None and not delivery_proc.is_alive() and not stopping:
+            log.error("delivery_process_died_restarting", extra={"exitcode": delivery_proc.exitcode})
+            delivery_proc = start_delivery()
     for p in procs.values():
         if p.pid and p.is_alive():
             os.kill(p.pid, signal.SIGTERM)
@@ -287,4 +305,13 @@ def run(s: Settings) -> int:
             log.error("rules_process_did_not_stop")
             rules_proc.kill()
             rules_proc.join(timeout=5)
+    if delivery_proc is not None:
+        # what it has not sent stays in the outbox for the next start
+        if delivery_proc.pid and delivery_proc.is_alive():
+            os.kill(delivery_proc.pid, signal.SIGTERM)
+        delivery_proc.join(timeout=15)
+        if delivery_proc.is_alive():
+            log.error("delivery_process_did_not_stop")
+            delivery_proc.kill()
+            delivery_proc.join(timeout=5)
     return 0

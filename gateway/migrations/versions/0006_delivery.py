@@ -1,5 +1,5 @@
 """Incident delivery and back-channel: endpoint state (410), case reports, false-alarm counts, alarm
-resolutions for the rules process.
+resolutions for the rules process; incidents get a community column (managers' scope).
 
 Revision ID: 0006_delivery
 Revises: 0005_incidents
@@ -21,6 +21,9 @@ _AUTO_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("incidents") as batch:
+        batch.add_column(sa.Column("community", sa.String(128)))
+    op.create_index(op.f("ix_incidents_community_status"), "incidents", ["community", "status"])
     op.create_table(
         "delivery_endpoints",
         sa.Column("name", sa.String(64), nullable=False),
@@ -77,3 +80,6 @@ def downgrade() -> None:
     op.drop_index(op.f("ix_incident_reports_incident_id"), table_name="incident_reports")
     op.drop_table("incident_reports")
     op.drop_table("delivery_endpoints")
+    op.drop_index(op.f("ix_incidents_community_status"), table_name="incidents")
+    with op.batch_alter_table("incidents") as batch:
+        batch.drop_column("community")
