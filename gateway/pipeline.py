@@ -57,6 +57,8 @@ class Batch:
     rejections: list[Rejection] = field(default_factory=list)
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     readings: list[Reading] = field(default_factory=list)
+    #: holds an event of an urgent device type (SC_BATCH_URGENT_TYPES): written without waiting
+    urgent: bool = False
 
     def __len__(self) -> int:
         return len(self.mids)
@@ -87,6 +89,7 @@ class Pipeline:
         on_readings: Callable[[list[Reading]], Awaitable[None] | None] | None = None,
     ) -> None:
         self.s = settings
+        self._urgent_types = settings.urgent_types()
         self.store = store
         self.sinks = sinks
         self.client_id = client_id
@@ -192,6 +195,8 @@ class Pipeline:
                 if len(self._batch) >= max_points:
                     await self._flush()
                 if queue.empty():
+                    if self._batch.urgent:
+                        await self._flush()
                     break
                 message = queue.get_nowait()
 
@@ -205,6 +210,8 @@ class Pipeline:
             if not (out.kind == "status" and raw.retain):
                 batch.lines.append(to_line(out))
                 batch.readings.append(out)
+                if out.kind == "event" and dtype in self._urgent_types:
+                    batch.urgent = True
             batch.counts[(dtype, "stored")] += 1
             self._note_seen(out, raw)
         elif isinstance(out, Rejection):

@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     batch_max_delay_ms: int = Field(
         200, ge=1, le=60000, description="... or when its oldest point is this old"
     )
+    batch_urgent_types: str = Field(
+        "smoke_detector",
+        description="comma-separated device types whose events do not wait for the batch age: the batch "
+        "holding one is written at once (a smoke alarm reaches the rules and the incident system sooner)",
+    )
     spool_dir: Path = Field(
         Path(".var/spool"), description="durable on-disk spool used while InfluxDB is unreachable"
     )
@@ -192,7 +197,7 @@ class Settings(BaseSettings):
     )
     workers: int = Field(1, ge=1, le=64, description="gateway processes sharing the subscription")
 
-    @field_validator("mqtt_device_types")
+    @field_validator("mqtt_device_types", "batch_urgent_types")
     @classmethod
     def _known_types(cls, value: str) -> str:
         from devices import DEVICE_TYPES
@@ -228,6 +233,9 @@ class Settings(BaseSettings):
             if missing:
                 raise ValueError(f"influx_mode v2 needs {', '.join('SC_' + m.upper() for m in missing)}")
         return self
+
+    def urgent_types(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.batch_urgent_types.split(",") if t.strip())
 
     def rule_paths(self) -> list[Path]:
         """The extra rule files and directories of SC_RULES_DIRS, in order."""
