@@ -1077,6 +1077,8 @@ COMMANDS: list[Registrar] = [
     add_run_commands,
     add_api_commands,
     lambda sub: __import__("gateway.alarmcmd", fromlist=["_"]).add_alarm_commands(sub),
+    lambda sub: __import__("gateway.deliverycmd", fromlist=["_"]).add_delivery_commands(sub),
+    lambda sub: __import__("gateway.incidentcmd", fromlist=["_"]).add_incident_commands(sub),
 ]
 
 
