@@ -244,6 +244,7 @@ class Wakeup(Protocol):
     """The write end of the pipe the delivery process waits on (multiprocessing Connection)."""
 
     def fileno(self) -> int: ...
+    def send_bytes(self, buf: bytes, /) -> None: ...
 
 
 class DeviceLookup:
@@ -274,12 +275,13 @@ class DeviceLookup:
 
 
 def wake(wakeup: Wakeup | None) -> None:
-    """Tell the delivery process there is something to send (one byte; never blocks: a full pipe means
-    it has plenty of wake-ups waiting already)."""
+    """Tell the delivery process there is something to send: an empty message, i.e. its 4-byte header,
+    written atomically (below PIPE_BUF) on a non-blocking pipe, so it never blocks (a full pipe means
+    plenty of wake-ups are waiting already) and never tears the framing."""
     if wakeup is None:
         return
     with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
-        os.write(wakeup.fileno(), b"\0")
+        wakeup.send_bytes(b"")
 
 
 class RulesRunner:
