@@ -540,6 +540,9 @@ outbox = Table(
     Column("last_error", Text),
     Column("created_at", UTCDateTime, nullable=False),
     Column("delivered_at", UTCDateTime),
+    # when a re-send or a re-enabled endpoint started its retry window anew (migration 0006); the window
+    # (SC_DELIVERY_RETRY_HOURS) runs from this, else from created_at
+    Column("retry_from", UTCDateTime),
     CheckConstraint("state IN ({})".format(", ".join(f"'{x}'" for x in OUTBOX_STATES)), name="state"),
     UniqueConstraint("incident_id", "endpoint", "seq"),
     Index(None, "endpoint", "state", "next_attempt_at"),

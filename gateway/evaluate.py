@@ -275,13 +275,11 @@ class DeviceLookup:
 
 
 def wake(wakeup: Wakeup | None) -> None:
-    """Tell the delivery process there is something to send: an empty message, i.e. its 4-byte header,
-    written atomically (below PIPE_BUF) on a non-blocking pipe, so it never blocks (a full pipe means
-    plenty of wake-ups are waiting already) and never tears the framing."""
-    if wakeup is None:
-        return
-    with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
-        wakeup.send_bytes(b"")
+    """Tell the delivery process there is something to send (gateway.delivery.wake_delivery)."""
+    if wakeup is not None:
+        from gateway.delivery import wake_delivery
+
+        wake_delivery(wakeup)  # type: ignore[arg-type]
 
 
 class RulesRunner:
@@ -544,6 +542,4 @@ def rules_main(q: ObservationQueue, parent_pid: int, wakeup: Wakeup | None = Non
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     s = Settings()
     logs.setup(s.log_level, s.log_json)
-    if wakeup is not None:
-        os.set_blocking(wakeup.fileno(), False)
     run_rules(s, q, wakeup)

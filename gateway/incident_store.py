@@ -96,6 +96,8 @@ class OutboxRow:
     last_error: str | None
     created_at: dt.datetime
     delivered_at: dt.datetime | None
+    #: set by a re-send: the retry window runs from here (else from created_at)
+    retry_from: dt.datetime | None = None
 
 
 def _change(old: Incident | None, new: Incident) -> dict[str, Any]:
@@ -761,7 +763,7 @@ class IncidentStore:
             res = conn.execute(
                 update(outbox)
                 .where(outbox.c.endpoint == endpoint, outbox.c.state == "disabled")
-                .values(state="pending", next_attempt_at=now)
+                .values(state="pending", next_attempt_at=now, retry_from=now)
             )
             return int(res.rowcount)
 
@@ -831,7 +833,7 @@ class IncidentStore:
         if endpoint is not None:
             q = q.where(outbox.c.endpoint == endpoint)
         with write_transaction(self.engine) as conn:
-            return int(conn.execute(q.values(state="pending", next_attempt_at=now)).rowcount)
+            return int(conn.execute(q.values(state="pending", next_attempt_at=now, retry_from=now)).rowcount)
 
     def deliveries(
         self,

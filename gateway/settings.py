@@ -193,7 +193,8 @@ class Settings(BaseSettings):
         9108,
         ge=0,
         le=65535,
-        description="Prometheus /metrics port (0 = off); worker i uses +i, the rules process +SC_WORKERS",
+        description="Prometheus /metrics port (0 = off); worker i uses +i, the rules process +SC_WORKERS, "
+        "the delivery process +SC_WORKERS+1",
     )
     workers: int = Field(1, ge=1, le=64, description="gateway processes sharing the subscription")
 

@@ -1,5 +1,6 @@
 """Incident delivery and back-channel: endpoint state (410), case reports, false-alarm counts, alarm
-resolutions for the rules process; incidents get a community column (managers' scope).
+resolutions for the rules process; incidents get a community column (managers' scope), outbox rows a
+retry_from (a re-send starts the retry window anew).
 
 Revision ID: 0006_delivery
 Revises: 0005_incidents
@@ -24,6 +25,8 @@ def upgrade() -> None:
     with op.batch_alter_table("incidents") as batch:
         batch.add_column(sa.Column("community", sa.String(128)))
     op.create_index(op.f("ix_incidents_community_status"), "incidents", ["community", "status"])
+    with op.batch_alter_table("outbox") as batch:
+        batch.add_column(sa.Column("retry_from", _TS))
     op.create_table(
         "delivery_endpoints",
         sa.Column("name", sa.String(64), nullable=False),
@@ -80,6 +83,8 @@ def downgrade() -> None:
     op.drop_index(op.f("ix_incident_reports_incident_id"), table_name="incident_reports")
     op.drop_table("incident_reports")
     op.drop_table("delivery_endpoints")
+    with op.batch_alter_table("outbox") as batch:
+        batch.drop_column("retry_from")
     op.drop_index(op.f("ix_incidents_community_status"), table_name="incidents")
     with op.batch_alter_table("incidents") as batch:
         batch.drop_column("community")
