@@ -29,6 +29,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Sequence
+from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -141,8 +142,16 @@ def unpack(t: Packed) -> Observation:
 class RulesFeeder:
     """The `Pipeline(on_readings=...)` hook of a worker: one queue message per stored batch."""
 
-    def __init__(self, q: ObservationQueue, *, max_pending_batches: int = 64, retry_s: float = 0.02) -> None:
+    def __init__(
+        self,
+        q: ObservationQueue,
+        *,
+        max_pending_batches: int = 64,
+        retry_s: float = 0.02,
+        urgent: ObservationQueue | None = None,
+    ) -> None:
         self._q = q
+        self._urgent = urgent
         self._pending: deque[list[Packed]] = deque()
         self._backlog = 0
         self._max_pending = max_pending_batches
@@ -154,6 +163,17 @@ class RulesFeeder:
     def backlog(self) -> int:
         """Observations waiting in this worker for room in the queue."""
         return self._backlog
+
+    def urgent(self, readings: list[Reading]) -> None:
+        """The fast lane (SC_BATCH_URGENT_TYPES events, e.g. a smoke alarm): handed on at decode, before
+        storage, so the rules see it ahead of the stored backlog. The reading still comes again through
+        the normal path after storage: the engine counts an event once per (seq, device time), so the
+        second is a duplicate. A full lane just leaves it to the normal path."""
+        if self._urgent is None:
+            return
+        with contextlib.suppress(queue.Full):
+            self._urgent.put_nowait(pack(readings))
+            metrics.RULES_SENT_URGENT.inc(len(readings))
 
     def __call__(self, readings: list[Reading]) -> Awaitable[None] | None:
         packed = pack(readings)
@@ -504,7 +524,28 @@ def incident_store(s: Settings, engine: Any) -> IncidentStore:
     return IncidentStore(engine, targets, instance=s.instance)
 
 
-def run_rules(s: Settings, q: ObservationQueue, wakeup: Wakeup | None = None) -> None:
+def next_item(q: ObservationQueue, urgent: ObservationQueue | None, timeout: float) -> Any:
+    """The next batch for the rules process: the urgent lane's first, else the normal queue's; `()` when
+    nothing came within `timeout`."""
+    if urgent is not None:
+        with contextlib.suppress(queue.Empty):
+            return urgent.get(False)
+        readers: list[Any] = [getattr(q, "_reader", None), getattr(urgent, "_reader", None)]
+        if all(readers):  # multiprocessing queues: wait on both pipes at once
+            mp_wait(readers, timeout)
+            for source in (urgent, q):
+                with contextlib.suppress(queue.Empty):
+                    return source.get(False)
+            return ()
+    try:
+        return q.get(timeout=timeout)
+    except queue.Empty:
+        return ()
+
+
+def run_rules(
+    s: Settings, q: ObservationQueue, wakeup: Wakeup | None = None, urgent: ObservationQueue | None = None
+) -> None:
     """The rules process's loop, until `None` arrives on the queue."""
     engine = make_engine(s.database_url)
     incidents = incident_store(s, engine) if s.incidents_enabled else None
@@ -519,10 +560,7 @@ def run_rules(s: Settings, q: ObservationQueue, wakeup: Wakeup | None = None) ->
     )
     try:
         while True:
-            try:
-                item = q.get(timeout=runner.wait_s())
-            except queue.Empty:
-                item = ()
+            item = next_item(q, urgent, runner.wait_s())
             if item is None:
                 break
             if item:
@@ -534,7 +572,12 @@ def run_rules(s: Settings, q: ObservationQueue, wakeup: Wakeup | None = None) ->
     log.info("rules_stopped", extra={"observations": runner.observations, "verdicts": runner.verdicts})
 
 
-def rules_main(q: ObservationQueue, parent_pid: int, wakeup: Wakeup | None = None) -> None:
+def rules_main(
+    q: ObservationQueue,
+    parent_pid: int,
+    wakeup: Wakeup | None = None,
+    urgent: ObservationQueue | None = None,
+) -> None:
     """Entry point of the spawned rules process. It ignores SIGINT/SIGTERM (a Ctrl-C or a service manager
     signals the whole group): it stops when the supervisor says so, after the workers."""
     die_with_parent(parent_pid)
@@ -542,4 +585,4 @@ def rules_main(q: ObservationQueue, parent_pid: int, wakeup: Wakeup | None = Non
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     s = Settings()
     logs.setup(s.log_level, s.log_json)
-    run_rules(s, q, wakeup)
+    run_rules(s, q, wakeup, urgent)

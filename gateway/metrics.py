@@ -76,3 +76,8 @@ RULES_BACKLOG = Gauge(
     registry=REGISTRY,
 )
 RULES_SENT = Counter("sc_rules_observations", "observations handed to the rules process", registry=REGISTRY)
+RULES_SENT_URGENT = Counter(
+    "sc_rules_urgent_observations",
+    "urgent events (SC_BATCH_URGENT_TYPES) handed to the rules process at decode, ahead of storage",
+    registry=REGISTRY,
+)

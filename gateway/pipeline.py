@@ -87,6 +87,7 @@ class Pipeline:
         sinks: Sinks,
         client_id: str,
         on_readings: Callable[[list[Reading]], Awaitable[None] | None] | None = None,
+        on_urgent: Callable[[list[Reading]], None] | None = None,
     ) -> None:
         self.s = settings
         self._urgent_types = settings.urgent_types()
@@ -101,6 +102,7 @@ class Pipeline:
             past_tolerance_ms=settings.ts_past_tolerance_s * 1000,
         )
         self._on_readings = on_readings
+        self._on_urgent = on_urgent
         self._gen = 0
         self._client: aiomqtt.Client | None = None
         self._batch = Batch(gen=0)
@@ -212,6 +214,8 @@ class Pipeline:
                 batch.readings.append(out)
                 if out.kind == "event" and dtype in self._urgent_types:
                     batch.urgent = True
+                    if self._on_urgent is not None:
+                        self._on_urgent([out])
             batch.counts[(dtype, "stored")] += 1
             self._note_seen(out, raw)
         elif isinstance(out, Rejection):

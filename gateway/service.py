@@ -128,7 +128,12 @@ def make_writer(s: Settings) -> Writer:
     )
 
 
-async def run_worker(s: Settings, index: int = 0, rules_queue: ObservationQueue | None = None) -> None:
+async def run_worker(
+    s: Settings,
+    index: int = 0,
+    rules_queue: ObservationQueue | None = None,
+    urgent_queue: ObservationQueue | None = None,
+) -> None:
     """Run one gateway process until SIGTERM/SIGINT, then stop taking messages and finish what it holds.
 
     With `rules_queue`, the readings of every stored batch are handed to the rules process."""
@@ -151,9 +156,15 @@ async def run_worker(s: Settings, index: int = 0, rules_queue: ObservationQueue 
     client_id = f"svc.gateway.{s.instance}.{index}"
     feeder = None
     if rules_queue is not None:
-        feeder = RulesFeeder(rules_queue, max_pending_batches=s.rules_queue_batches)
+        feeder = RulesFeeder(rules_queue, max_pending_batches=s.rules_queue_batches, urgent=urgent_queue)
     pipe = Pipeline(
-        s, lookup=sinks.cache.get, store=store, sinks=sinks, client_id=client_id, on_readings=feeder
+        s,
+        lookup=sinks.cache.get,
+        store=store,
+        sinks=sinks,
+        client_id=client_id,
+        on_readings=feeder,
+        on_urgent=feeder.urgent if feeder is not None else None,
     )
     if s.metrics_port:
         start_http_server(s.metrics_port + index, addr="127.0.0.1", registry=metrics.REGISTRY)
@@ -209,16 +220,22 @@ async def run_worker(s: Settings, index: int = 0, rules_queue: ObservationQueue 
     log.info("gateway_stopped", extra={"worker": index, **pipe.stats})
 
 
-def _worker_main(index: int, rules_queue: mpq.Queue[Any] | None, parent_pid: int) -> None:
+def _worker_main(
+    index: int,
+    rules_queue: mpq.Queue[Any] | None,
+    parent_pid: int,
+    urgent_queue: mpq.Queue[Any] | None = None,
+) -> None:
     die_with_parent(parent_pid)
     s = Settings()
     logs.setup(s.log_level, s.log_json)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_worker(s, index, rules_queue))
-    if rules_queue is not None:
-        # What this worker put on the queue must reach the pipe before the process ends.
-        rules_queue.close()
-        rules_queue.join_thread()
+        asyncio.run(run_worker(s, index, rules_queue, urgent_queue))
+    for q in (rules_queue, urgent_queue):
+        if q is not None:
+            # What this worker put on the queue must reach the pipe before the process ends.
+            q.close()
+            q.join_thread()
 
 
 def run(s: Settings) -> int:
@@ -228,6 +245,7 @@ def run(s: Settings) -> int:
     logs.setup(s.log_level, s.log_json)
     ctx = mp.get_context("spawn")
     rules_queue: mpq.Queue[Any] | None = None
+    urgent_queue: mpq.Queue[Any] | None = None
     if s.rules_enabled:
         try:
             rules = load_configured_rules(s)
@@ -238,6 +256,7 @@ def run(s: Settings) -> int:
         log.info("rules_loaded", extra={"rules": len(rules), "files": len(rules.files)})
         migrate(s.database_url)  # once, before the processes that use the database start
         rules_queue = ctx.Queue(maxsize=s.rules_queue_batches)
+        urgent_queue = ctx.Queue(maxsize=1000)
     me = os.getpid()
     procs: dict[int, mp.process.BaseProcess] = {}
     rules_proc: mp.process.BaseProcess | None = None
@@ -254,12 +273,14 @@ def run(s: Settings) -> int:
         stopping = True
 
     def start_worker(i: int) -> mp.process.BaseProcess:
-        p = ctx.Process(target=_worker_main, args=(i, rules_queue, me), name=f"sc-gateway-{i}")
+        p = ctx.Process(target=_worker_main, args=(i, rules_queue, me, urgent_queue), name=f"sc-gateway-{i}")
         p.start()
         return p
 
     def start_rules() -> mp.process.BaseProcess:
-        p = ctx.Process(target=rules_main, args=(rules_queue, me, wake_w), name="sc-gateway-rules")
+        p = ctx.Process(
+            target=rules_main, args=(rules_queue, me, wake_w, urgent_queue), name="sc-gateway-rules"
+        )
         p.start()
         return p
 
