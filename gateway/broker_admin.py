@@ -1,22 +1,32 @@
-"""Broker accounts at run time through Mosquitto's dynamic security plugin: devices, the gateway, adaptors.
+"""Broker accounts at run time: devices in the project's device accounts plugin, the gateway, adaptors
+and the admin in Mosquitto's dynamic security plugin.
 
-The plugin is administered by publishing JSON commands to ``$CONTROL/dynamic-security/v1``; it answers
-on ``$CONTROL/dynamic-security/v1/response`` (to every admin subscribed there, so each command carries a
-``correlationData`` of ours and only our answers are taken). `BrokerAdmin` keeps one admin connection
-(paho-mqtt 2.x on its own network thread) and offers a synchronous API.
+Both plugins are administered by publishing JSON commands, ``{"commands": [...]}``, to their control topic
+and answer on ``<topic>/response``; each command carries a ``correlationData`` of ours and only our
+answers are taken. `BrokerAdmin` keeps one admin connection (paho-mqtt 2.x on its own network thread) and
+offers a synchronous API that routes by username:
 
-What Mosquitto 2.0.11 does, checked on the real broker (and pinned by tests/integration/test_credentials.py):
+- a DEVICE (username = device id, never starting with ``svc.``) goes to ``$CONTROL/sc-device-auth/v1``,
+  the plugin built from mosquitto/plugin/sc_device_auth.c: fixed per-device rights, a hash table and an
+  append-only journal, so 1,000 new devices are one message and one fsync. A device it does not hold
+  (registered in the dynamic security plugin before this plugin existed) is looked up there instead:
+  such legacy devices keep working, and can be rotated, disabled, enabled and deleted as before.
+- a SERVICE account (``svc.*``) goes to ``$CONTROL/dynamic-security/v1``.
+
+What Mosquitto 2.0.11's dynamic security plugin does, checked on the real broker (and pinned by
+tests/integration/test_credentials.py):
 
 - ``%u`` / ``%c`` in a role's ACL topic are NOT substituted: they match a literal ``%u`` topic level.
-  A role shared by every device of a type cannot say "its own topics", so each device gets a role of its
-  own, ``sc-device-{device_id}``, with literal topics.
+  A role shared by every device of a type cannot say "its own topics": a legacy device has a role of its
+  own, ``sc-device-{device_id}``, with literal topics (the device accounts plugin needs none).
 - A shared subscription is checked with its whole filter, ``$share/<group>/sc/v1/...``: the gateway's
   role allows both ``sc/v1/+/+/{kind}`` and ``$share/+/sc/v1/+/+/{kind}``.
 - disableClient, setClientPassword and deleteClient disconnect that username's clients at once
-  (reason "administrative action"); a disabled client's CONNECT is refused with "not authorized".
+  (reason "administrative action"); a disabled client's CONNECT is refused with "not authorized". The
+  device accounts plugin does the same for its devices.
 - modifyRole does not disconnect the role's holders.
 - The plugin rewrites its whole JSON file after every changing command, also inside a batch: a batch
-  saves round trips, not file writes (figures in mosquitto/README.md).
+  saves round trips, not file writes (figures in mosquitto/README.md). That is why devices moved out.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -46,6 +56,9 @@ log = logging.getLogger("gateway.broker_admin")
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
+# The device accounts plugin (mosquitto/plugin/sc_device_auth.c).
+DEVICE_CONTROL_TOPIC = "$CONTROL/sc-device-auth/v1"
+DEVICE_RESPONSE_TOPIC = DEVICE_CONTROL_TOPIC + "/response"
 
 # Service accounts' usernames carry a "." that device ids (A-Z a-z 0-9 _ -) cannot have: a device can
 # never be registered under the name of the gateway's or the admin's account.
@@ -54,13 +67,21 @@ ADMIN_USERNAME = "svc.admin"
 ADMIN_ROLE = "admin"
 GATEWAY_ROLE = "sc-gateway"
 ADAPTOR_ROLE = "sc-adaptor"
+# The role of a device registered in the dynamic security plugin (before the device accounts plugin).
 DEVICE_ROLE_PREFIX = "sc-device-"
+CLIENT_NOT_FOUND = "Client not found"
+CLIENT_EXISTS = "Client already exists"
 
 UPLINK_KINDS = ("telemetry", "event", "status")
 
 # Below max_packet_size in mosquitto/mosquitto.conf (262144): a bigger command message would make the
-# broker drop the connection. 100 devices (200 commands) take about 45 KB.
+# broker drop the connection. A new device takes 114 bytes plus its id and type in a createDevices
+# command: 1,000 devices with 64-character ids take under 200 KB.
 MAX_MESSAGE_BYTES = 250_000
+DEVICE_BATCH_SIZE = 1000
+# Usernames per findDevices command (at most 67 bytes each) and per listDevices page.
+_FIND_CHUNK = 2000
+_LIST_PAGE = 10_000
 
 Acl = dict[str, Any]
 
@@ -81,17 +102,13 @@ DEFAULT_ACL_ACCESS: tuple[Acl, ...] = (
 
 
 def device_role(device_id: str) -> str:
+    """The role of a legacy device (one registered in the dynamic security plugin)."""
     return DEVICE_ROLE_PREFIX + device_id
 
 
-def device_acls(device_id: str, device_type: str) -> list[Acl]:
-    """A device publishes on its own uplink topics, subscribes to and receives its own cmd: nothing else."""
-    base = f"sc/v1/{device_type}/{device_id}"
-    return [
-        *(_acl("publishClientSend", f"{base}/{kind}") for kind in UPLINK_KINDS),
-        _acl("subscribeLiteral", f"{base}/cmd"),
-        _acl("publishClientReceive", f"{base}/cmd"),
-    ]
+def is_device_username(username: str) -> bool:
+    """Devices' usernames are their ids; service accounts' start with "svc." (no device id can)."""
+    return not username.startswith(SERVICE_PREFIX)
 
 
 def gateway_acls() -> list[Acl]:
@@ -116,11 +133,15 @@ def adaptor_acls() -> list[Acl]:
 
 
 def admin_acls() -> list[Acl]:
-    """The same rights `mosquitto_ctrl dynsec init` gives its admin: the control API, $SYS, read all."""
+    """The rights `mosquitto_ctrl dynsec init` gives its admin (the control API, $SYS, read all), plus the
+    device accounts plugin's control API (whose ACL check goes through the admin's role)."""
     return [
         _acl("publishClientSend", "$CONTROL/dynamic-security/#"),
         _acl("publishClientReceive", "$CONTROL/dynamic-security/#"),
         _acl("subscribePattern", "$CONTROL/dynamic-security/#"),
+        _acl("publishClientSend", "$CONTROL/sc-device-auth/#"),
+        _acl("publishClientReceive", "$CONTROL/sc-device-auth/#"),
+        _acl("subscribePattern", "$CONTROL/sc-device-auth/#"),
         _acl("publishClientReceive", "$SYS/#"),
         _acl("subscribePattern", "$SYS/#"),
         _acl("publishClientReceive", "#"),
@@ -166,8 +187,26 @@ def new_password() -> str:
     return secrets.token_urlsafe(32)
 
 
+def device_password_fields(password: str) -> dict[str, str]:
+    """What the device accounts plugin stores of a password: a 16-byte random salt and
+    SHA-256(salt || password), both base64. The password itself never reaches the broker.
+
+    One SHA-256 and no slow KDF: every password is 256 random bits (new_password()), which cannot be
+    found from its hash by guessing, so a work factor would only slow down every device's CONNECT.
+    """
+    salt = secrets.token_bytes(16)
+    digest = hashlib.sha256(salt + password.encode()).digest()
+    return {"salt": base64.b64encode(salt).decode(), "hash": base64.b64encode(digest).decode()}
+
+
+def missing_acls(existing: Iterable[Mapping[str, Any]], wanted: Iterable[Acl]) -> list[Acl]:
+    """Those of `wanted` that `existing` (a role's ACLs) lacks."""
+    have = {_acl_key(a) for a in existing}
+    return [a for a in wanted if _acl_key(a) not in have]
+
+
 class BrokerAdminError(RuntimeError):
-    """The dynamic security plugin refused a command (or did not answer, or we could not connect)."""
+    """A plugin refused a command (or did not answer, or we could not connect)."""
 
     def __init__(self, command: str, error: str) -> None:
         super().__init__(f"{command}: {error}")
@@ -215,10 +254,24 @@ def _acl_key(acl: Mapping[str, Any]) -> tuple[str, str, int, bool]:
     return (str(acl["acltype"]), str(acl["topic"]), int(acl.get("priority", 0)), bool(acl["allow"]))
 
 
+# The bytes of one device in a createDevices command besides its id and type (compact JSON: keys,
+# quotes, base64 salt and hash, separator).
+_DEVICE_ENTRY_BYTES = 114
+
+
+def _data(command: str, response: Mapping[str, Any]) -> dict[str, Any]:
+    """A response's "data" (or {}); BrokerAdminError if it holds an error."""
+    if "error" in response:
+        raise BrokerAdminError(command, str(response["error"]))
+    data = response.get("data")
+    return data if isinstance(data, dict) else {}
+
+
 class BrokerAdmin:
-    """One admin connection to the broker's dynamic security plugin; synchronous and thread-safe.
+    """One admin connection to the broker's two account plugins; synchronous and thread-safe.
 
     ``with BrokerAdmin(host, port, username, password) as admin: admin.create_device(...)``.
+    `batch_size` is how many devices create_devices() puts in one message (fewer if they would not fit).
     """
 
     def __init__(
@@ -230,7 +283,7 @@ class BrokerAdmin:
         *,
         timeout_s: float = 10.0,
         per_command_timeout_s: float = 1.0,
-        batch_size: int = 100,
+        batch_size: int = DEVICE_BATCH_SIZE,
     ) -> None:
         self.host = host
         self.port = port
@@ -247,19 +300,23 @@ class BrokerAdmin:
         self._client.reconnect_delay_set(1, 5)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._cond = threading.Condition()
         self._ready = False
         self._refused: str | None = None
         self._subscribe_mid: int | None = None
+        # Command messages the broker refused (PUBACK "not authorized": the admin's role lacks the ACL):
+        # message id -> (when, reason).
+        self._refused_mids: dict[int, tuple[float, str]] = {}
         self._pending: dict[str, _Pending] = {}
         self._started = False
 
     # -- connection ------------------------------------------------------------------------------------
 
     def connect(self) -> Self:
-        """Connect and subscribe to the plugin's answers; raise BrokerAdminError if that fails."""
+        """Connect and subscribe to the plugins' answers; raise BrokerAdminError if that fails."""
         if self._started:
             return self
         try:
@@ -297,7 +354,8 @@ class BrokerAdmin:
                 self._refused = str(reason)
                 self._cond.notify_all()
             return
-        # A clean session each time: subscribe again after every (re)connect.
+        # A clean session each time: subscribe again after every (re)connect. The device accounts plugin
+        # sends its answers to our client id, which needs no subscription.
         _, mid = client.subscribe(RESPONSE_TOPIC, qos=1)
         with self._cond:
             self._refused = None
@@ -314,6 +372,14 @@ class BrokerAdmin:
             else:
                 self._ready = True
             self._cond.notify_all()
+
+    def _on_publish(
+        self, _client: mqtt.Client, _userdata: Any, mid: int, reason: ReasonCode, _props: Any
+    ) -> None:
+        if reason.is_failure:
+            with self._cond:
+                self._refused_mids[mid] = (time.monotonic(), str(reason))
+                self._cond.notify_all()
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _p: Any) -> None:
         with self._cond:
@@ -353,11 +419,18 @@ class BrokerAdmin:
     # -- commands --------------------------------------------------------------------------------------
 
     def execute(self, commands: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Send the commands in one message and return the plugin's responses in the same order.
+        """Send dynamic security commands in one message; return the responses in the same order.
 
         Errors are returned, not raised (each response may hold an "error"); no answer in time raises
         BrokerAdminTimeoutError.
         """
+        return self._execute(CONTROL_TOPIC, commands)
+
+    def execute_devices(self, commands: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Send device accounts plugin commands in one message; like execute()."""
+        return self._execute(DEVICE_CONTROL_TOPIC, commands)
+
+    def _execute(self, topic: str, commands: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if not commands:
             return []
         if not self._started:
@@ -365,7 +438,8 @@ class BrokerAdmin:
         batch = uuid.uuid4().hex
         ids = [f"{batch}:{i}" for i in range(len(commands))]
         body = json.dumps(
-            {"commands": [{**c, "correlationData": k} for c, k in zip(commands, ids, strict=True)]}
+            {"commands": [{**c, "correlationData": k} for c, k in zip(commands, ids, strict=True)]},
+            separators=(",", ":"),
         )
         if len(body) > MAX_MESSAGE_BYTES:
             # The broker would drop the connection instead of answering (max_packet_size).
@@ -376,15 +450,31 @@ class BrokerAdmin:
         self._wait_ready(self.timeout_s)
         with self._cond:
             self._pending[batch] = pending
+        sent_at = time.monotonic()
+        mid = -1
+        refused: str | None = None
+
+        def answered() -> bool:
+            nonlocal refused
+            when, reason = self._refused_mids.get(mid, (0.0, ""))
+            if when >= sent_at:
+                refused = reason
+            return refused is not None or len(pending.responses) == len(ids)
+
         try:
-            self._client.publish(CONTROL_TOPIC, body.encode(), qos=1)
+            mid = self._client.publish(topic, body.encode(), qos=1).mid
             with self._cond:
-                done = self._cond.wait_for(
-                    lambda: len(pending.responses) == len(ids), max(0.0, deadline - time.monotonic())
-                )
+                done = self._cond.wait_for(answered, max(0.0, deadline - time.monotonic()))
         finally:
             with self._cond:
                 self._pending.pop(batch, None)
+                self._refused_mids.pop(mid, None)
+        if refused is not None:
+            raise BrokerAdminError(
+                str(commands[0].get("command")),
+                f"the broker refused the message to {topic} ({refused}): the admin's role lacks the ACLs "
+                "of admin_acls() (ensure_roles() grants them)",
+            )
         if not done:
             raise BrokerAdminTimeoutError(
                 str(commands[0].get("command")),
@@ -394,17 +484,31 @@ class BrokerAdmin:
         return [pending.responses[k] for k in ids]
 
     def command(self, command: str, **args: Any) -> dict[str, Any]:
-        """One command; its "data" (or {}) on success, BrokerAdminError on the plugin's error."""
+        """One dynamic security command; its "data" (or {}) on success, BrokerAdminError on its error."""
         (response,) = self.execute([{"command": command, **args}])
-        if "error" in response:
-            raise BrokerAdminError(command, str(response["error"]))
-        data = response.get("data")
-        return data if isinstance(data, dict) else {}
+        return _data(command, response)
+
+    def device_command(self, command: str, **args: Any) -> dict[str, Any]:
+        """One device accounts plugin command; its "data" (or {}), BrokerAdminError on its error."""
+        (response,) = self.execute_devices([{"command": command, **args}])
+        return _data(command, response)
+
+    def _device_or_legacy(self, username: str, command: str, **args: Any) -> dict[str, Any] | None:
+        """A device command for a device username; None if the plugin does not hold it (a service
+        account, or a legacy device in the dynamic security plugin: the caller asks that one)."""
+        if not is_device_username(username):
+            return None
+        try:
+            return self.device_command(command, username=username, **args)
+        except BrokerAdminError as exc:
+            if exc.error == CLIENT_NOT_FOUND:
+                return None
+            raise
 
     # -- roles -----------------------------------------------------------------------------------------
 
     def ensure_roles(self) -> None:
-        """Idempotent: the default ACL access and the service roles, created or corrected.
+        """Idempotent: the default ACL access, the service roles, and the admin role's rights.
 
         Nothing is written when all is as it should be: every write rewrites the plugin's whole file.
         """
@@ -415,6 +519,7 @@ class BrokerAdmin:
             log.info("broker default ACL access set")
         for role, acls in SERVICE_ROLES.items():
             self._ensure_role(role, acls)
+        self._ensure_admin_acls()
 
     def _ensure_role(self, role: str, acls: list[Acl]) -> None:
         try:
@@ -429,15 +534,35 @@ class BrokerAdmin:
             self.command("modifyRole", rolename=role, acls=acls)
             log.info("broker role corrected", extra={"role": role})
 
+    def _ensure_admin_acls(self) -> None:
+        """Add what the admin role lacks of admin_acls() (a data dir from before the device accounts
+        plugin), keeping whatever else an operator gave it. Takes effect at once, also for this
+        connection (the broker checks ACLs on every message)."""
+        try:
+            existing = self.command("getRole", rolename=ADMIN_ROLE)["role"].get("acls", [])
+        except BrokerAdminError as exc:
+            if exc.error == "Role not found":
+                return  # an admin set up some other way: its rights are its operator's business
+            raise
+        lacking = missing_acls(existing, admin_acls())
+        if lacking:
+            # modifyRole, not addRoleACL: addRoleACL disconnects the role's holders, this connection too
+            # (and paho then sends the command again on reconnecting, which fails as a duplicate).
+            self.command("modifyRole", rolename=ADMIN_ROLE, acls=[*existing, *lacking])
+            log.info("broker admin role granted", extra={"topics": sorted({a["topic"] for a in lacking})})
+
     # -- devices ---------------------------------------------------------------------------------------
 
     def create_device(self, device_id: str, device_type: str) -> str:
-        """Create the device's account and role; return its password (shown once, never stored here).
+        """Create the device's account; return its password (shown once, never stored here).
 
         Username and client id are the device id (a CONNECT with another client id is refused).
-        BrokerAdminError("createClient", "Client already exists") if the device already has one.
+        BrokerAdminError("createClient", "Client already exists") if the device already has one (in
+        either plugin).
         """
         _check_device(device_id, device_type)
+        if self._legacy_exists(device_id):
+            raise BrokerAdminError("createClient", CLIENT_EXISTS)
         created, errors = self._create_chunk([(device_id, device_type)])
         if errors:
             raise BrokerAdminError("createClient", errors[device_id])
@@ -445,7 +570,7 @@ class BrokerAdmin:
         return created[device_id]
 
     def create_devices(self, devices: Iterable[tuple[str, str]]) -> dict[str, str]:
-        """Create many device accounts, `batch_size` devices per message; return {device id: password}.
+        """Create many device accounts, up to `batch_size` per message; return {device id: password}.
 
         Nothing is created if one of them already exists (checked first). If the broker refuses some
         on the way (one created meanwhile by someone else), DeviceBatchError tells which, and carries
@@ -462,11 +587,11 @@ class BrokerAdmin:
             shown = ", ".join(existing[:10]) + (
                 f" and {len(existing) - 10} more" if len(existing) > 10 else ""
             )
-            raise BrokerAdminError("createClient", f"Client already exists: {shown}")
+            raise BrokerAdminError("createClient", f"{CLIENT_EXISTS}: {shown}")
         created: dict[str, str] = {}
         errors: dict[str, str] = {}
-        for start in range(0, len(items), self.batch_size):
-            chunk_created, chunk_errors = self._create_chunk(items[start : start + self.batch_size])
+        for chunk in self._device_chunks(items):
+            chunk_created, chunk_errors = self._create_chunk(chunk)
             created.update(chunk_created)
             errors.update(chunk_errors)
         if errors:
@@ -474,71 +599,78 @@ class BrokerAdmin:
         log.info("broker device accounts created", extra={"count": len(created)})
         return created
 
+    def _device_chunks(self, items: Sequence[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
+        """`batch_size` devices at a time, fewer if their createDevices command would not fit a message."""
+        limit = MAX_MESSAGE_BYTES - 1000  # the command's own keys and correlation data
+        chunk: list[tuple[str, str]] = []
+        size = 0
+        for device_id, device_type in items:
+            entry = _DEVICE_ENTRY_BYTES + len(device_id) + len(device_type)
+            if chunk and (len(chunk) >= self.batch_size or size + entry > limit):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append((device_id, device_type))
+            size += entry
+        if chunk:
+            yield chunk
+
+    def _legacy_exists(self, username: str) -> bool:
+        """Whether the dynamic security plugin has an account of that name (a read: nothing is written)."""
+        try:
+            self.command("getClient", username=username)
+        except BrokerAdminError as exc:
+            if exc.error == CLIENT_NOT_FOUND:
+                return False
+            raise
+        return True
+
     def _existing(self, usernames: Sequence[str]) -> list[str]:
-        """Those of `usernames` that have an account (reads only: the plugin writes nothing)."""
-        found = []
-        for start in range(0, len(usernames), 10 * self.batch_size):
-            chunk = usernames[start : start + 10 * self.batch_size]
-            responses = self.execute([{"command": "getClient", "username": u} for u in chunk])
-            for username, response in zip(chunk, responses, strict=True):
-                if "error" not in response:
-                    found.append(username)
-                elif response["error"] != "Client not found":
-                    raise BrokerAdminError("getClient", f"{username}: {response['error']}")
-        return found
+        """Those of `usernames` that have an account in either plugin (reads only), in their order."""
+        legacy = set(self.command("listClients", verbose=False, count=-1, offset=0).get("clients", []))
+        found = {u for u in usernames if u in legacy}
+        for start in range(0, len(usernames), _FIND_CHUNK):
+            chunk = list(usernames[start : start + _FIND_CHUNK])
+            found.update(self.device_command("findDevices", usernames=chunk).get("found", []))
+        return [u for u in usernames if u in found]
 
     def _create_chunk(self, chunk: Sequence[tuple[str, str]]) -> tuple[dict[str, str], dict[str, str]]:
         passwords = {device_id: new_password() for device_id, _ in chunk}
-        commands: list[dict[str, Any]] = []
-        for device_id, device_type in chunk:
-            role = device_role(device_id)
-            commands.append(
-                {"command": "createRole", "rolename": role, "acls": device_acls(device_id, device_type)}
-            )
-            commands.append(
-                {
-                    "command": "createClient",
-                    "username": device_id,
-                    "password": passwords[device_id],
-                    "clientid": device_id,
-                    "roles": [{"rolename": role}],
-                }
-            )
-        responses = self.execute(commands)
-        created: dict[str, str] = {}
-        errors: dict[str, str] = {}
-        for i, (device_id, device_type) in enumerate(chunk):
-            role_resp, client_resp = responses[2 * i], responses[2 * i + 1]
-            if "error" in client_resp:
-                errors[device_id] = str(client_resp["error"])
-                continue
-            created[device_id] = passwords[device_id]
-            if "error" in role_resp:
-                # The client was created with the role, so the role exists: left behind by an interrupted
-                # delete. Make sure it says what this device needs.
-                self._ensure_role(device_role(device_id), device_acls(device_id, device_type))
+        entries = [
+            {"username": device_id, "type": device_type, **device_password_fields(passwords[device_id])}
+            for device_id, device_type in chunk
+        ]
+        data = self.device_command("createDevices", devices=entries)
+        refused = data.get("errors", {})
+        errors = {d: str(refused[d]) for d in passwords if d in refused}
+        created = {d: p for d, p in passwords.items() if d not in refused}
         return created, errors
 
     def rotate_password(self, username: str) -> str:
         """A new password; the old one stops working and connected clients are disconnected at once."""
         password = new_password()
-        self.command("setClientPassword", username=username, password=password)
+        if self._device_or_legacy(username, "setDevicePassword", **device_password_fields(password)) is None:
+            self.command("setClientPassword", username=username, password=password)
         log.info("broker password rotated", extra={"username": username})
         return password
 
     def disable(self, username: str) -> None:
         """Disconnect the account's clients at once and refuse its logins until enable()."""
-        self.command("disableClient", username=username)
+        if self._device_or_legacy(username, "disableDevice") is None:
+            self.command("disableClient", username=username)
         log.info("broker account disabled", extra={"username": username})
 
     def enable(self, username: str) -> None:
-        self.command("enableClient", username=username)
+        if self._device_or_legacy(username, "enableDevice") is None:
+            self.command("enableClient", username=username)
         log.info("broker account enabled", extra={"username": username})
 
     def delete(self, username: str) -> None:
-        """Delete the account (its clients are disconnected) and, for a device, its role."""
+        """Delete the account (its clients are disconnected) and, for a legacy device, its role."""
+        if self._device_or_legacy(username, "deleteDevice") is not None:
+            log.info("broker account deleted", extra={"username": username})
+            return
         commands: list[dict[str, Any]] = [{"command": "deleteClient", "username": username}]
-        if not username.startswith(SERVICE_PREFIX):
+        if is_device_username(username):
             commands.append({"command": "deleteRole", "rolename": device_role(username)})
         client_resp, *role_resp = self.execute(commands)
         if "error" in client_resp:
@@ -549,26 +681,38 @@ class BrokerAdmin:
         log.info("broker account deleted", extra={"username": username})
 
     def get_client(self, username: str) -> dict[str, Any]:
-        """The plugin's view of an account: username, clientid, roles, groups, disabled (if so)."""
+        """An account as its plugin sees it. A device: username, clientid, type, disabled. A service
+        account or legacy device: the dynamic security plugin's username, clientid, roles, groups,
+        disabled (if so)."""
+        data = self._device_or_legacy(username, "getDevice")
+        if data is not None:
+            device = data.get("device", {})
+            return {**device, "clientid": username} if isinstance(device, dict) else {}
         client = self.command("getClient", username=username).get("client", {})
         return client if isinstance(client, dict) else {}
 
     def exists(self, username: str) -> bool:
-        try:
-            self.command("getClient", username=username)
-        except BrokerAdminError as exc:
-            if exc.error == "Client not found":
-                return False
-            raise
-        return True
+        if self._device_or_legacy(username, "getDevice") is not None:
+            return True
+        return self._legacy_exists(username)
 
     def is_disabled(self, username: str) -> bool:
         return bool(self.get_client(username).get("disabled", False))
 
+    def list_devices(self) -> list[str]:
+        """Every device account of the device accounts plugin, sorted (legacy devices not included)."""
+        usernames: list[str] = []
+        while True:
+            data = self.device_command("listDevices", offset=len(usernames), count=_LIST_PAGE)
+            page = [str(u) for u in data.get("devices", [])]
+            usernames += page
+            if not page or len(usernames) >= int(data.get("totalCount", 0)):
+                return usernames
+
     def list_clients(self) -> list[str]:
-        """Every account's username (devices, service accounts and the admin)."""
+        """Every account's username: devices (either plugin), service accounts and the admin."""
         data = self.command("listClients", verbose=False, count=-1, offset=0)
-        return [str(c) for c in data.get("clients", [])]
+        return [str(c) for c in data.get("clients", [])] + self.list_devices()
 
     # -- service accounts ------------------------------------------------------------------------------
 

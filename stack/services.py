@@ -36,23 +36,32 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
+from devices import DEVICE_TYPES
 from gateway.broker_admin import (
     ADAPTOR_ROLE,
+    ADMIN_ROLE,
     ADMIN_USERNAME,
     GATEWAY_ROLE,
     BrokerAdmin,
     Credentials,
+    admin_acls,
     initial_config,
+    missing_acls,
     new_password,
     write_private,
 )
+from stack.plugin_build import PLUGIN_PACKAGES, PluginBuildError, build_device_auth_plugin
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO_CONF_TEMPLATE = REPO_ROOT / "mosquitto" / "mosquitto.conf"
 
-REQUIRED_PACKAGES = ["mosquitto", "mosquitto-clients", "influxdb", "influxdb-client", "postgresql"]
+REQUIRED_PACKAGES = [
+    *("mosquitto", "mosquitto-clients", "influxdb", "influxdb-client", "postgresql"),
+    # To compile the broker's device accounts plugin (mosquitto/plugin/, stack/plugin_build.py).
+    *PLUGIN_PACKAGES,
+]
 
 LOOPBACK = "127.0.0.1"
 LOG_TAIL_LINES = 30
@@ -482,6 +491,7 @@ class MosquittoService(Service):
         self.port = port
         self.conf_path = conf_path
         self.dynsec_path = data_dir / DYNSEC_FILE
+        self.devices_path = data_dir / DEVICES_FILE
         self.admin_username = admin.username
         self.admin_password = admin.password
         self._accounts: dict[str, Credentials] = {}
@@ -524,21 +534,33 @@ class MosquittoService(Service):
         return self.account(PUBLISHER_ACCOUNT, ADAPTOR_ROLE)
 
 
-_MOSQUITTO_PLACEHOLDERS = ("{port}", "{data_dir}", "{log_path}", "{dynsec_plugin}")
+_MOSQUITTO_PLACEHOLDERS = (
+    *("{port}", "{data_dir}", "{log_path}", "{device_auth_plugin}", "{device_types}", "{dynsec_plugin}"),
+)
 DYNSEC_FILE = "dynamic-security.json"
+# The device accounts plugin's journal (its name is in mosquitto/mosquitto.conf).
+DEVICES_FILE = "device-accounts.journal"
 ADMIN_FILE = "admin.json"
 GATEWAY_ACCOUNT = "svc.gateway"
 PUBLISHER_ACCOUNT = "svc.publisher"
 
 
 def render_mosquitto_conf(
-    template: str, *, port: int, data_dir: Path, log_path: Path, dynsec_plugin: Path
+    template: str,
+    *,
+    port: int,
+    data_dir: Path,
+    log_path: Path,
+    dynsec_plugin: Path,
+    device_auth_plugin: Path,
+    device_types: Iterable[str] = DEVICE_TYPES,
 ) -> str:
-    """Fill the {port}, {data_dir}, {log_path} and {dynsec_plugin} placeholders of the shipped config."""
+    """Fill the placeholders of the shipped config ({port}, {data_dir}, {log_path}, {dynsec_plugin},
+    {device_auth_plugin}, {device_types})."""
     missing = [p for p in _MOSQUITTO_PLACEHOLDERS if p not in template]
     if missing:
         raise StackError(f"mosquitto config template lacks the placeholders {missing}")
-    for value in (data_dir, log_path, dynsec_plugin):
+    for value in (data_dir, log_path, dynsec_plugin, device_auth_plugin):
         # mosquitto.conf values end at the first whitespace.
         if any(ch.isspace() for ch in str(value)):
             raise StackError(f"mosquitto cannot use a path with whitespace: {value!r}")
@@ -546,6 +568,8 @@ def render_mosquitto_conf(
         template.replace("{port}", str(port))
         .replace("{data_dir}", str(data_dir))
         .replace("{log_path}", str(log_path))
+        .replace("{device_auth_plugin}", str(device_auth_plugin))
+        .replace("{device_types}", ",".join(device_types))
         .replace("{dynsec_plugin}", str(dynsec_plugin))
     )
 
@@ -562,23 +586,65 @@ def _dynsec_plugin() -> Path:
     return found[0]
 
 
+def _device_auth_plugin(account: pwd.struct_passwd | None) -> Path:
+    """The device accounts plugin, built if needed, and readable by the user the broker runs as."""
+    try:
+        plugin = build_device_auth_plugin()
+    except PluginBuildError as exc:
+        raise StackError(str(exc)) from exc
+    if account is not None:
+        probe = subprocess.run(
+            ["test", "-r", str(plugin)], env=_child_env(plugin.parent), check=False, **_run_as(account)
+        )
+        if probe.returncode != 0:
+            blocking = ", ".join(_blocking_dirs(plugin, account)) or "a directory above it"
+            raise StackError(
+                f"mosquitto runs as the system user {account.pw_name!r}, which cannot read its plugin "
+                f"{plugin}: {blocking} does not let that user through (chmod o+x those directories)."
+            )
+    return plugin
+
+
+def _grant_admin_acls(dynsec_path: Path, account: pwd.struct_passwd | None) -> None:
+    """Give the admin role of an existing accounts file the rights it lacks (those of admin_acls(): the
+    device accounts plugin's control topic came later). Written only if something is missing; the
+    broker is not running yet, so its own rewrite cannot race this one."""
+    try:
+        doc = json.loads(dynsec_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StackError(f"{dynsec_path} cannot be read: {exc}") from exc
+    for role in doc.get("roles", []):
+        if isinstance(role, dict) and role.get("rolename") == ADMIN_ROLE:
+            lacking = missing_acls(role.get("acls", []), admin_acls())
+            if not lacking:
+                return
+            role["acls"] = [*role.get("acls", []), *lacking]
+            owner = (account.pw_uid, account.pw_gid) if account is not None else (-1, -1)
+            write_private(dynsec_path, json.dumps(doc, indent=1), uid=owner[0], gid=owner[1])
+            log.info("mosquitto: admin role granted %s", ", ".join(a["topic"] for a in lacking))
+            return
+
+
 def _broker_admin(data_dir: Path, account: pwd.struct_passwd | None) -> Credentials:
     """The admin account of the broker in data_dir: made on first start, read back afterwards.
 
     First start: a random admin password goes to admin.json (0600, ours: the broker does not need it),
     then dynamic-security.json (0600, the broker's user's) is written with that admin only, the
-    equivalent of `mosquitto_ctrl dynsec init` without the password on a command line.
+    equivalent of `mosquitto_ctrl dynsec init` without the password on a command line. Later starts
+    give the admin role any right of admin_acls() it lacks.
     """
     dynsec_path, admin_path = data_dir / DYNSEC_FILE, data_dir / ADMIN_FILE
     if dynsec_path.exists():
         try:
             doc = json.loads(admin_path.read_text())
-            return Credentials(str(doc["username"]), str(doc["password"]))
+            admin = Credentials(str(doc["username"]), str(doc["password"]))
         except (OSError, ValueError, KeyError) as exc:
             raise StackError(
                 f"{dynsec_path} exists but its admin credentials cannot be read from {admin_path} ({exc}). "
                 f"Restore {admin_path}, or remove {dynsec_path} to start over (every account is lost)."
             ) from exc
+        _grant_admin_acls(dynsec_path, account)
+        return admin
     admin = Credentials(ADMIN_USERNAME, new_password())
     write_private(admin_path, json.dumps({"username": admin.username, "password": admin.password}))
     owner = (account.pw_uid, account.pw_gid) if account is not None else (-1, -1)
@@ -597,21 +663,29 @@ def start_mosquitto(
 ) -> MosquittoService:
     """Start Mosquitto on 127.0.0.1:port with its persistence, accounts, rendered config and log in data_dir.
 
-    Anonymous clients are refused. On the first start in data_dir the dynamic security plugin's file is
-    written with an admin account only (`.admin_username` / `.admin_password`, also in admin.json); a
-    restart keeps every account. `.gateway_account` / `.publisher_account` / `.account()` make the
-    service accounts, `.admin()` gives a BrokerAdmin for the rest.
+    Anonymous clients are refused. The device accounts plugin (mosquitto/plugin/) is compiled first if
+    needed (stack/plugin_build.py); devices' accounts go to its journal `.devices_path`. On the first
+    start in data_dir the dynamic security plugin's file is written with an admin account only
+    (`.admin_username` / `.admin_password`, also in admin.json); a restart keeps every account.
+    `.gateway_account` / `.publisher_account` / `.account()` make the service accounts, `.admin()` gives
+    a BrokerAdmin for the rest.
     extra_conf is appended to the rendered config (for a test that needs another limit, say).
     """
     binary = _require_binary(MOSQUITTO_BIN, "mosquitto")
     plugin = _dynsec_plugin()
     account = _service_account("mosquitto")
+    device_plugin = _device_auth_plugin(account)
     data_dir = _prepare_data_dir(data_dir, account, "mosquitto")
     port = free_port() if port is None else port
     log_path = data_dir / "mosquitto.log"
     conf_path = data_dir / "mosquitto.conf"
     rendered = render_mosquitto_conf(
-        Path(conf_template).read_text(), port=port, data_dir=data_dir, log_path=log_path, dynsec_plugin=plugin
+        Path(conf_template).read_text(),
+        port=port,
+        data_dir=data_dir,
+        log_path=log_path,
+        dynsec_plugin=plugin,
+        device_auth_plugin=device_plugin,
     )
     if extra_conf:
         rendered += "\n# --- extra_conf from start_mosquitto() ---\n" + extra_conf.strip() + "\n"

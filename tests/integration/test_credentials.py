@@ -1,4 +1,6 @@
-"""Broker credentials through the dynamic security plugin, checked on the real Mosquitto.
+"""Broker credentials, checked on the real Mosquitto: devices' accounts in the project's device accounts
+plugin, service accounts in the dynamic security plugin, both through BrokerAdmin (the plugin's own
+behaviour is pinned in test_device_auth_plugin.py).
 
 Each device has its own account (username = client id = device id) and may publish only to its own
 uplink topics and subscribe only to its own cmd; the gateway and adaptors have accounts of their own;
