@@ -113,7 +113,7 @@ class InstallerSettings(BaseSettings):
         "6+2+2+6", description="component code split: admin+major+minor+serial digits (or 6+2+3+5)"
     )
     import_batch_size: int = Field(
-        200, ge=1, le=10000, description="devices per transaction and per broker batch when importing"
+        1000, ge=1, le=10000, description="devices per transaction and per broker batch when importing"
     )
 
     @field_validator("component_code_split")
