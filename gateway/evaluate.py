@@ -72,6 +72,8 @@ INCIDENT_CHANGES = Counter(
 )
 
 TICK_MS = 1000
+#: observations of a stored batch evaluated before the urgent lane is looked at again (~5 ms of work)
+URGENT_CHECK_EVERY = 500
 RELOAD_CHECK_MS = 2000
 #: a compact, picklable Observation (Observation's mappings are read-only proxies, which do not pickle)
 Packed = tuple[Any, ...]
@@ -553,7 +555,12 @@ def run_rules(
     runner.restore()
     RULES_COUNT.set(len(runner.engine.rules))
     if s.metrics_port:
-        start_http_server(s.metrics_port + s.workers, addr="127.0.0.1", registry=RULES_REGISTRY)
+        try:
+            start_http_server(s.metrics_port + s.workers, addr="127.0.0.1", registry=RULES_REGISTRY)
+        except OSError as exc:
+            log.error(
+                "rules_metrics_unavailable", extra={"port": s.metrics_port + s.workers, "error": str(exc)}
+            )
     log.info(
         "rules_started",
         extra={"rules": len(runner.engine.rules), "files": len(runner.engine.rules.files)},
@@ -564,7 +571,14 @@ def run_rules(
             if item is None:
                 break
             if item:
-                runner.process(item)
+                # a big stored batch goes in chunks, with the urgent lane looked at between them
+                for start in range(0, len(item), URGENT_CHECK_EVERY):
+                    runner.process(item[start : start + URGENT_CHECK_EVERY])
+                    while urgent is not None:
+                        try:
+                            runner.process(urgent.get(False))
+                        except queue.Empty:
+                            break
             runner.housekeeping()
     finally:
         runner.stop()

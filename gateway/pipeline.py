@@ -149,6 +149,9 @@ class Pipeline:
                     self._client = client
                     for f in self.s.topic_filters():
                         await client.subscribe(f, qos=1)
+                    stale = self.s.stale_filters()
+                    if stale:
+                        await client.unsubscribe(stale)
                     metrics.BROKER_CONNECTED.set(1)
                     self.connected.set()
                     log.info(

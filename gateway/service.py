@@ -167,7 +167,10 @@ async def run_worker(
         on_urgent=feeder.urgent if feeder is not None else None,
     )
     if s.metrics_port:
-        start_http_server(s.metrics_port + index, addr="127.0.0.1", registry=metrics.REGISTRY)
+        try:
+            start_http_server(s.metrics_port + index, addr="127.0.0.1", registry=metrics.REGISTRY)
+        except OSError as exc:  # a taken port costs the metrics, not the ingestion
+            log.error("metrics_unavailable", extra={"port": s.metrics_port + index, "error": str(exc)})
 
     async def housekeeping() -> None:
         while True:
@@ -225,9 +228,12 @@ def _worker_main(
     rules_queue: mpq.Queue[Any] | None,
     parent_pid: int,
     urgent_queue: mpq.Queue[Any] | None = None,
+    lane: str | None = None,
 ) -> None:
     die_with_parent(parent_pid)
     s = Settings()
+    if lane is not None:
+        s = s.model_copy(update={"mqtt_lane": lane})
     logs.setup(s.log_level, s.log_json)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_worker(s, index, rules_queue, urgent_queue))
@@ -272,8 +278,15 @@ def run(s: Settings) -> int:
         nonlocal stopping
         stopping = True
 
+    # The priority lane: one more worker, for the urgent types' events only (numbered after the rules and
+    # delivery processes, whose metrics ports are SC_METRICS_PORT + workers and + workers + 1).
+    lanes = rules_queue is not None and s.priority_lane and s.mqtt_lane == "all" and bool(s.lane_types())
+    priority_index = s.workers + 2
+
     def start_worker(i: int) -> mp.process.BaseProcess:
-        p = ctx.Process(target=_worker_main, args=(i, rules_queue, me, urgent_queue), name=f"sc-gateway-{i}")
+        lane = "urgent" if lanes and i == priority_index else None
+        name = "sc-gateway-priority" if i == priority_index else f"sc-gateway-{i}"
+        p = ctx.Process(target=_worker_main, args=(i, rules_queue, me, urgent_queue, lane), name=name)
         p.start()
         return p
 
@@ -297,7 +310,7 @@ def run(s: Settings) -> int:
         delivery_proc = start_delivery()
     if rules_queue is not None:
         rules_proc = start_rules()
-    for i in range(s.workers):
+    for i in [*range(s.workers), *([priority_index] if lanes else [])]:
         procs[i] = start_worker(i)
     while not stopping:
         time.sleep(0.2)

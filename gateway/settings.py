@@ -107,6 +107,14 @@ class Settings(BaseSettings):
         description="comma-separated device types whose events do not wait for the batch age: the batch "
         "holding one is written at once (a smoke alarm reaches the rules and the incident system sooner)",
     )
+    priority_lane: bool = Field(
+        True,
+        description="with the rules on, run one more worker that consumes only the events of "
+        "SC_BATCH_URGENT_TYPES, so a smoke alarm never queues behind telemetry",
+    )
+    mqtt_lane: Literal["all", "urgent"] = Field(
+        "all", description="set by the supervisor per worker (see SC_PRIORITY_LANE)"
+    )
     spool_dir: Path = Field(
         Path(".var/spool"), description="durable on-disk spool used while InfluxDB is unreachable"
     )
@@ -242,12 +250,37 @@ class Settings(BaseSettings):
         """The extra rule files and directories of SC_RULES_DIRS, in order."""
         return [Path(p) for p in self.rules_dirs.split(":") if p.strip()]
 
-    def topic_filters(self) -> list[str]:
+    def lane_types(self) -> list[str]:
+        """The types whose events the priority worker takes (urgent and consumed by this installation)."""
+        from devices import DEVICE_TYPES
+
         types = [t.strip() for t in self.mqtt_device_types.split(",") if t.strip()] or ["+"]
-        filters = [f"sc/v1/{t}/+/{kind}" for t in types for kind in ("telemetry", "event", "status")]
-        if self.mqtt_share_group:
-            filters = [f"$share/{self.mqtt_share_group}/{f}" for f in filters]
+        known = list(DEVICE_TYPES) if "+" in types else types
+        return [t for t in known if t in self.urgent_types()]
+
+    def topic_filters(self, lane: str | None = None) -> list[str]:
+        """What a worker subscribes to. Lane "all": every uplink topic of SC_MQTT_DEVICE_TYPES, shared in
+        SC_MQTT_SHARE_GROUP; "urgent" (the priority worker): the urgent types' events again, in a group of
+        its own, so a smoke alarm reaches a worker with no backlog ahead of it (the "all" workers' copy
+        is stored idempotently and dropped by the rules as a duplicate event)."""
+        lane = lane or self.mqtt_lane
+        types = [t.strip() for t in self.mqtt_device_types.split(",") if t.strip()] or ["+"]
+        group = self.mqtt_share_group
+        if lane == "urgent":
+            filters = [f"sc/v1/{t}/+/event" for t in self.lane_types()]
+            group = f"{group}-urgent" if group else ""
+        else:
+            filters = [f"sc/v1/{t}/+/{kind}" for t in types for kind in ("telemetry", "event", "status")]
+        if group:
+            filters = [f"$share/{group}/{f}" for f in filters]
         return filters
+
+    def stale_filters(self) -> list[str]:
+        """Filters of the other lane: unsubscribed at connect, so a persistent session once used for the
+        other lane does not keep them."""
+        mine = set(self.topic_filters())
+        other = {f for lane in ("all", "urgent") for f in self.topic_filters(lane)}
+        return sorted(other - mine)
 
 
 def describe() -> str:
