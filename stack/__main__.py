@@ -196,6 +196,7 @@ Look at it:
   SC_DATABASE_URL={db_url} .venv/bin/sc-gateway devices list
   SC_DATABASE_URL={db_url} .venv/bin/sc-gateway deadletters counts
   SC_DATABASE_URL={db_url} .venv/bin/sc-gateway alarms list --open
+  SC_DATABASE_URL={db_url} .venv/bin/sc-gateway incidents list --commissioning
   curl -s -H "Authorization: Bearer $(cat {VAR / "installer.key"})" \\
       'http://127.0.0.1:{api_port}/api/v1/commissioning' | python3 -m json.tool | head -40
   mosquitto_sub -p {mq_port} -t 'sc/v1/#' -v -u {broker.admin_username} \\
