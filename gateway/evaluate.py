@@ -359,9 +359,14 @@ class RulesRunner:
                 extra={"path": str(path), "moved_to": str(aside), "error": str(exc)},
             )
             return
+        restarted = self.engine.restart_absence_clocks(_now_ms())
         log.info(
             "rules_state_restored",
-            extra={"path": str(path), "open_alarms": len(self.engine.open_alarms())},
+            extra={
+                "path": str(path),
+                "open_alarms": len(self.engine.open_alarms()),
+                "absence_clocks_restarted": restarted,
+            },
         )
 
     def save(self) -> None:

@@ -770,6 +770,25 @@ class Engine:
         self._held.pop((rule_id, key), None)
         return self._close(c, key, a._replace(flapping=False), now_ms, now_ms)
 
+    def restart_absence_clocks(self, now_ms: int) -> int:
+        """After a restart: nothing was listening while the gateway was down, so a device's silence is
+        counted again from `now_ms` (absence rules not already firing); otherwise every device would look
+        absent at once and raise a storm of offline cases that clear with its next report. Returns how
+        many clocks were restarted."""
+        from rules.absence import AbsenceState
+
+        n = 0
+        for c in self._compiled.values():
+            if c.spec.name != "absence":
+                continue
+            for key, st in c.states.items():
+                if isinstance(st, AbsenceState) and not st.firing and st.last_rx < now_ms:
+                    c.states[key] = st._replace(last_rx=now_ms)
+                    n += 1
+        if n:
+            self._reschedule_all()
+        return n
+
     def forget_device(self, device_id: str) -> None:
         """Drop everything known about a device (retired). Its open alarms are dropped without verdicts."""
         for rid, c in self._compiled.items():

@@ -168,6 +168,8 @@ def up(args: argparse.Namespace) -> int:
                         str(args.interval),
                         "--progress",
                         "30",
+                        "--anomaly-scale",
+                        str(args.anomaly_scale),
                     ],
                     env=dict(
                         env,
@@ -225,7 +227,7 @@ Ctrl-C stops everything.
                     spooled = int(_metric(text, "sc_spool_segments"))
                     print(
                         f"[{time.strftime('%H:%M:%S')}] messages stored {stored}, set aside {rejected}, "
-                        f"spool segments {spooled}",
+                        f"spool segments {spooled}, {_incident_counts(db_url)}",
                         flush=True,
                     )
         return 0
@@ -247,6 +249,31 @@ Ctrl-C stops everything.
         print("stopped", flush=True)
 
 
+def _incident_counts(db_url: str) -> str:
+    """ "incidents open N (M commissioning), resolved K" for the progress line."""
+    from sqlalchemy import func, select
+
+    from gateway.db import incidents, make_engine
+
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(incidents.c.status, incidents.c.commissioning, func.count()).group_by(
+                    incidents.c.status, incidents.c.commissioning
+                )
+            ).all()
+    except Exception as exc:  # the progress line must not stop the stack
+        return f"incidents unknown ({exc.__class__.__name__})"
+    finally:
+        engine.dispose()
+    count = {(st, bool(c)): int(n) for st, c, n in rows}
+    live = count.get(("open", False), 0)
+    noise = count.get(("open", True), 0)
+    resolved = count.get(("resolved", False), 0) + count.get(("resolved", True), 0)
+    return f"incidents open {live} (+{noise} commissioning), resolved {resolved}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stack")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -262,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--seed", type=int, default=1, help="simulated community seed")
     u.add_argument("--interval", type=float, default=5.0, help="seconds between a simulated device's reports")
     u.add_argument("--no-sim", action="store_true", help="no simulated community")
+    u.add_argument(
+        "--anomaly-scale",
+        type=float,
+        default=300.0,
+        help="multiply the simulator's rare-event rates (default 300: a held-open door, a car in the "
+        "fire lane or a tilted cover every few minutes, so incidents show soon; 1: a real day's rates)",
+    )
     u.add_argument("--report-s", type=float, default=10.0, help="seconds between progress lines")
     args = p.parse_args(argv)
     if args.cmd == "packages":

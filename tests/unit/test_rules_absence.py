@@ -63,3 +63,22 @@ def test_a_stale_or_duplicate_message_still_counts_as_life_only_when_new() -> No
     e.process(obs("mh-1", {"battery_pct": 81}, t=T0 - HOUR, rx=T0 + HOUR, seq=0))
     assert e.tick(T0 + 2 * HOUR + 10 * MIN + 1) == []
     assert [v.change for v in e.tick(T0 + 3 * HOUR + 10 * MIN + 1)] == ["opened"]
+
+
+def test_after_a_restart_silence_counts_from_the_restart_not_from_before_the_downtime() -> None:
+    e = engine(rule("manhole_cover.offline", kind="absence", k=2, grace_s=600))
+    e.process(obs("mh-1", {"battery_pct": 80}, t=T0))
+    e.process(obs("mh-2", {"battery_pct": 80}, t=T0))
+    assert e.tick(T0 + 2 * HOUR + 10 * MIN + 1) != []  # mh-1 and mh-2 went silent while we listened
+    e.process(obs("mh-2", {"battery_pct": 80}, t=T0 + 3 * HOUR))  # mh-2 is back; mh-1 still firing
+    snap = e.snapshot()
+
+    # the gateway was down for a day; the restored engine restarts the clocks of non-firing devices
+    restarted = engine(rule("manhole_cover.offline", kind="absence", k=2, grace_s=600))
+    restarted.restore(snap)
+    back_at = T0 + 27 * HOUR
+    assert restarted.restart_absence_clocks(back_at) == 1  # mh-2 (mh-1 is already offline)
+    assert restarted.tick(back_at + MIN) == []  # no storm of offline cases at start
+    late = restarted.tick(back_at + 2 * HOUR + 10 * MIN + 1)
+    assert [(v.device_id, v.change) for v in late] == [("mh-2", "opened")]  # silent since the restart
+    assert [v.device_id for v in restarted.open_alarms()] == ["mh-1", "mh-2"]
