@@ -292,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument(
         "--anomaly-scale",
         type=float,
-        default=300.0,
-        help="multiply the simulator's rare-event rates (default 300: a held-open door, a car in the "
+        default=1000.0,
+        help="multiply the simulator's rare-event rates (default 1000: a held-open door, a car in the "
         "fire lane or a tilted cover every few minutes, so incidents show soon; 1: a real day's rates)",
     )
     u.add_argument("--report-s", type=float, default=10.0, help="seconds between progress lines")
