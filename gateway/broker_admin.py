@@ -1,5 +1,5 @@
-"""Broker accounts at run time: devices in the project's device accounts plugin, the gateway, adaptors
-and the admin in Mosquitto's dynamic security plugin.
+"""Broker accounts at run time: devices and adaptors in the project's device accounts plugin, the gateway,
+the stack's publisher and the admin in Mosquitto's dynamic security plugin.
 
 Both plugins are administered by publishing JSON commands, ``{"commands": [...]}``, to their control topic
 and answer on ``<topic>/response``; each command carries a ``correlationData`` of ours and only our
@@ -11,7 +11,10 @@ offers a synchronous API that routes by username:
   append-only journal, so 1,000 new devices are one message and one fsync. A device it does not hold
   (registered in the dynamic security plugin before this plugin existed) is looked up there instead:
   such legacy devices keep working, and can be rotated, disabled, enabled and deleted as before.
-- a SERVICE account (``svc.*``) goes to ``$CONTROL/dynamic-security/v1``.
+- an ADAPTOR (``svc.adaptor.<name>``: an NB-IoT platform's push, a LoRaWAN network server) goes to the
+  same plugin: it publishes uplink only for the devices assigned to it (create_adaptor, assign_devices).
+  An adaptor name the plugin does not hold is looked up in the dynamic security plugin, like a device.
+- any other SERVICE account (``svc.*``) goes to ``$CONTROL/dynamic-security/v1``.
 
 What Mosquitto 2.0.11's dynamic security plugin does, checked on the real broker (and pinned by
 tests/integration/test_credentials.py):
@@ -36,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -63,6 +67,10 @@ DEVICE_RESPONSE_TOPIC = DEVICE_CONTROL_TOPIC + "/response"
 # Service accounts' usernames carry a "." that device ids (A-Z a-z 0-9 _ -) cannot have: a device can
 # never be registered under the name of the gateway's or the admin's account.
 SERVICE_PREFIX = "svc."
+# Adaptor accounts, in the device accounts plugin: "svc.adaptor." + a name without "." (a client id is the
+# username or the username + "." + a suffix, so no adaptor's name can continue another's client ids).
+ADAPTOR_PREFIX = "svc.adaptor."
+ADAPTOR_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,52}$")
 ADMIN_USERNAME = "svc.admin"
 ADMIN_ROLE = "admin"
 GATEWAY_ROLE = "sc-gateway"
@@ -71,6 +79,7 @@ ADAPTOR_ROLE = "sc-adaptor"
 DEVICE_ROLE_PREFIX = "sc-device-"
 CLIENT_NOT_FOUND = "Client not found"
 CLIENT_EXISTS = "Client already exists"
+NOT_ASSIGNED = "Not assigned to this adaptor"
 
 UPLINK_KINDS = ("telemetry", "event", "status")
 
@@ -79,7 +88,8 @@ UPLINK_KINDS = ("telemetry", "event", "status")
 # command: 1,000 devices with 64-character ids take under 200 KB.
 MAX_MESSAGE_BYTES = 250_000
 DEVICE_BATCH_SIZE = 1000
-# Usernames per findDevices command (at most 67 bytes each) and per listDevices page.
+# Usernames per findDevices, assignDevices or unassignDevices command (at most 67 bytes each) and per
+# listDevices page.
 _FIND_CHUNK = 2000
 _LIST_PAGE = 10_000
 
@@ -111,6 +121,22 @@ def is_device_username(username: str) -> bool:
     return not username.startswith(SERVICE_PREFIX)
 
 
+def is_adaptor_username(username: str) -> bool:
+    """Adaptors' usernames start with "svc.adaptor." (their accounts are in the device accounts plugin)."""
+    return username.startswith(ADAPTOR_PREFIX)
+
+
+def adaptor_username(name: str) -> str:
+    """The username of adaptor `name` ("nbiot" -> "svc.adaptor.nbiot"; a username is returned as is).
+
+    ValueError unless the name is 1-52 of A-Z a-z 0-9 _ - (no ".").
+    """
+    short = name[len(ADAPTOR_PREFIX) :] if is_adaptor_username(name) else name
+    if not ADAPTOR_NAME_RE.match(short):
+        raise ValueError(f"adaptor name {short!r} must be 1-52 characters of A-Z a-z 0-9 _ -")
+    return ADAPTOR_PREFIX + short
+
+
 def gateway_acls() -> list[Acl]:
     """Consume every device's uplink (plain or shared subscription); send downlink and incidents."""
     acls = []
@@ -126,8 +152,8 @@ def gateway_acls() -> list[Acl]:
 def adaptor_acls() -> list[Acl]:
     """Publish uplink for devices that do not speak MQTT themselves (NB-IoT platforms, LNS).
 
-    For now for ANY device: restricting an adaptor to the devices assigned to it comes with the adaptor
-    issue (one role per adaptor listing its devices' topics, like the device roles).
+    For ANY device: the role of the stack's simulator account (svc.publisher). Real adaptors are adaptor
+    accounts (BrokerAdmin.create_adaptor), limited to the devices assigned to them.
     """
     return [_acl("publishClientSend", f"sc/v1/+/+/{kind}") for kind in UPLINK_KINDS]
 
@@ -237,6 +263,26 @@ class Credentials:
     password: str = field(repr=False)
 
 
+@dataclass(frozen=True)
+class Assignment:
+    """What assign_devices() / unassign_devices() did.
+
+    `changed`: devices assigned (or unassigned) by this call; `unchanged`: devices already assigned to
+    the adaptor (assign only); `moved`: device -> the adaptor it was taken from (a device has at most one
+    adaptor); `errors`: device -> why not ("Client not found": no such device in the device accounts
+    plugin; "Not assigned to this adaptor": unassign of a device it does not hold).
+    """
+
+    changed: int = 0
+    unchanged: int = 0
+    moved: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
 @dataclass
 class _Pending:
     expected: set[str]
@@ -253,6 +299,15 @@ def _check_device(device_id: str, device_type: str) -> None:
 def _acl_key(acl: Mapping[str, Any]) -> tuple[str, str, int, bool]:
     return (str(acl["acltype"]), str(acl["topic"]), int(acl.get("priority", 0)), bool(acl["allow"]))
 
+
+# What a device command becomes for an adaptor's username.
+_ADAPTOR_COMMANDS = {
+    "setDevicePassword": "setAdaptorPassword",
+    "disableDevice": "disableAdaptor",
+    "enableDevice": "enableAdaptor",
+    "deleteDevice": "deleteAdaptor",
+    "getDevice": "getAdaptor",
+}
 
 # The bytes of one device in a createDevices command besides its id and type (compact JSON: keys,
 # quotes, base64 salt and hash, separator).
@@ -494,9 +549,12 @@ class BrokerAdmin:
         return _data(command, response)
 
     def _device_or_legacy(self, username: str, command: str, **args: Any) -> dict[str, Any] | None:
-        """A device command for a device username; None if the plugin does not hold it (a service
-        account, or a legacy device in the dynamic security plugin: the caller asks that one)."""
-        if not is_device_username(username):
+        """A device command for a device username, its adaptor counterpart for an adaptor's; None if the
+        plugin does not hold it (another service account, or a legacy device in the dynamic security
+        plugin: the caller asks that one)."""
+        if is_adaptor_username(username):
+            command = _ADAPTOR_COMMANDS[command]
+        elif not is_device_username(username):
             return None
         try:
             return self.device_command(command, username=username, **args)
@@ -681,11 +739,14 @@ class BrokerAdmin:
         log.info("broker account deleted", extra={"username": username})
 
     def get_client(self, username: str) -> dict[str, Any]:
-        """An account as its plugin sees it. A device: username, clientid, type, disabled. A service
-        account or legacy device: the dynamic security plugin's username, clientid, roles, groups,
-        disabled (if so)."""
+        """An account as its plugin sees it. A device: username, clientid, type, disabled (and adaptor, if
+        assigned). An adaptor: username, disabled, devices (how many are assigned). A service account or
+        legacy device: the dynamic security plugin's username, clientid, roles, groups, disabled (if so)."""
         data = self._device_or_legacy(username, "getDevice")
         if data is not None:
+            if "adaptor" in data:
+                adaptor = data["adaptor"]
+                return dict(adaptor) if isinstance(adaptor, dict) else {}
             device = data.get("device", {})
             return {**device, "clientid": username} if isinstance(device, dict) else {}
         client = self.command("getClient", username=username).get("client", {})
@@ -710,9 +771,92 @@ class BrokerAdmin:
                 return usernames
 
     def list_clients(self) -> list[str]:
-        """Every account's username: devices (either plugin), service accounts and the admin."""
+        """Every account's username: devices (either plugin), adaptors, service accounts and the admin."""
         data = self.command("listClients", verbose=False, count=-1, offset=0)
-        return [str(c) for c in data.get("clients", [])] + self.list_devices()
+        return [str(c) for c in data.get("clients", [])] + self.list_adaptors() + self.list_devices()
+
+    # -- adaptors --------------------------------------------------------------------------------------
+
+    def create_adaptor(self, name: str) -> Credentials:
+        """An adaptor account, svc.adaptor.<name>, in the device accounts plugin; its password is returned
+        once (only a salted hash is kept).
+
+        It may publish uplink only for the devices assigned to it (assign_devices), and connect with the
+        client id svc.adaptor.<name> or svc.adaptor.<name>.<suffix> (several connections at once).
+        BrokerAdminError "Client already exists" if either plugin holds the username.
+        rotate_password, disable (kicks every connection), enable, delete, get_client and exists take
+        its username like any other account's.
+        """
+        username = adaptor_username(name)
+        if self._legacy_exists(username):
+            raise BrokerAdminError("createAdaptor", CLIENT_EXISTS)
+        password = new_password()
+        self.device_command("createAdaptor", username=username, **device_password_fields(password))
+        log.info("broker adaptor account created", extra={"username": username})
+        return Credentials(username, password)
+
+    def assign_devices(self, name: str, device_ids: Iterable[str]) -> Assignment:
+        """Let the adaptor publish for these devices (taking each from the adaptor it had, if another).
+
+        Devices must exist in the device accounts plugin; those that do not are in the result's `errors`
+        (the others are assigned all the same). Sent 2,000 per message; BrokerAdminError ("Client not
+        found") if the adaptor does not exist. If the broker stops answering half-way, the messages
+        answered so far are in force: assigning again is harmless.
+        """
+        return self._assign("assignDevices", name, device_ids)
+
+    def unassign_devices(self, name: str, device_ids: Iterable[str]) -> Assignment:
+        """Stop the adaptor publishing for these devices (at once: every publish is checked).
+
+        A device not assigned to this adaptor is an error "Not assigned to this adaptor" in the result.
+        """
+        return self._assign("unassignDevices", name, device_ids)
+
+    def _assign(self, command: str, name: str, device_ids: Iterable[str]) -> Assignment:
+        username = adaptor_username(name)
+        ids = list(dict.fromkeys(device_ids))
+        for device_id in ids:
+            if not DEVICE_ID_RE.match(device_id):
+                raise ValueError(f"device id {device_id!r} must be 1-64 characters of A-Z a-z 0-9 _ -")
+        changed = unchanged = 0
+        moved: dict[str, str] = {}
+        errors: dict[str, str] = {}
+        # At least one message, so that an unknown adaptor is an error even with no devices.
+        for start in range(0, max(len(ids), 1), _FIND_CHUNK):
+            data = self.device_command(command, username=username, devices=ids[start : start + _FIND_CHUNK])
+            changed += int(data.get("assigned", data.get("unassigned", 0)))
+            unchanged += int(data.get("unchanged", 0))
+            moved.update({str(k): str(v) for k, v in data.get("moved", {}).items()})
+            errors.update({str(k): str(v) for k, v in data.get("errors", {}).items()})
+        log.info(
+            "broker adaptor devices %s",
+            "assigned" if command == "assignDevices" else "unassigned",
+            extra={"username": username, "changed": changed, "moved": len(moved), "errors": len(errors)},
+        )
+        return Assignment(changed, unchanged, moved, errors)
+
+    def get_adaptor(self, name: str) -> dict[str, Any]:
+        """{"username", "disabled", "devices": how many are assigned}; BrokerAdminError "Client not found"."""
+        adaptor = self.device_command("getAdaptor", username=adaptor_username(name)).get("adaptor", {})
+        return dict(adaptor) if isinstance(adaptor, dict) else {}
+
+    def list_adaptor_devices(self, name: str) -> list[str]:
+        """The ids of the devices assigned to the adaptor, sorted."""
+        username = adaptor_username(name)
+        ids: list[str] = []
+        while True:
+            data = self.device_command(
+                "listAdaptorDevices", username=username, offset=len(ids), count=_LIST_PAGE
+            )
+            page = [str(u) for u in data.get("devices", [])]
+            ids += page
+            if not page or len(ids) >= int(data.get("totalCount", 0)):
+                return ids
+
+    def list_adaptors(self) -> list[str]:
+        """Every adaptor account's username, sorted."""
+        data = self.device_command("listAdaptors", offset=0, count=-1)
+        return [str(u) for u in data.get("adaptors", [])]
 
     # -- service accounts ------------------------------------------------------------------------------
 
@@ -720,7 +864,8 @@ class BrokerAdmin:
         """An account for the gateway (role sc-gateway) or an adaptor (sc-adaptor); returns its password.
 
         Not bound to a client id: the gateway's workers and an adaptor's connections each use their own
-        (the plugin binds to one exact client id, not a prefix). Usernames start with "svc.".
+        (the plugin binds to one exact client id, not a prefix). Usernames start with "svc.", but not
+        "svc.adaptor." (adaptor accounts, limited to their devices: create_adaptor()).
         """
         if (
             not username.startswith(SERVICE_PREFIX)
@@ -728,6 +873,8 @@ class BrokerAdmin:
             or any(c.isspace() for c in username)
         ):
             raise ValueError(f"a service account's username starts with {SERVICE_PREFIX!r}: {username!r}")
+        if is_adaptor_username(username):
+            raise ValueError(f"{username!r} is an adaptor's username: use create_adaptor()")
         password = new_password()
         self.command("createClient", username=username, password=password, roles=[{"rolename": role}])
         log.info("broker service account created", extra={"username": username, "role": role})

@@ -1079,6 +1079,7 @@ COMMANDS: list[Registrar] = [
     lambda sub: __import__("gateway.alarmcmd", fromlist=["_"]).add_alarm_commands(sub),
     lambda sub: __import__("gateway.deliverycmd", fromlist=["_"]).add_delivery_commands(sub),
     lambda sub: __import__("gateway.incidentcmd", fromlist=["_"]).add_incident_commands(sub),
+    lambda sub: __import__("gateway.adaptorcmd", fromlist=["_"]).add_adaptor_commands(sub),
 ]
 
 

@@ -1,15 +1,28 @@
 /*
- * sc_device_auth: device accounts for Mosquitto 2.0 at 100k scale (a v5 plugin).
+ * sc_device_auth: device and adaptor accounts for Mosquitto 2.0 at 100k scale (a v5 plugin).
  *
  * Why: the dynamic security plugin rewrites its whole JSON file after every changing command, so
  * issuing a device's credentials costs more the more devices there are (12 ms each on an empty broker,
  * 240 ms at 10,000: about 30 hours for 100,000). This plugin keeps device accounts in a hash table and
  * an append-only journal instead: a batch of 1,000 new devices is one control message, one write and
- * one fsync. Service accounts (the gateway, adaptors, the admin) stay in the dynamic security plugin.
+ * one fsync. Adaptor accounts (svc.adaptor.*) are here too, since their rights are computed from the
+ * device records. Other service accounts (the gateway, the admin, the stack's svc.publisher) stay in the
+ * dynamic security plugin.
  *
  * What a device may do (fixed, not configurable): log in with username = client id = its device id
  * and its password; publish exactly to sc/v1/{type}/{id}/telemetry, /event and /status; subscribe to
  * and receive exactly sc/v1/{type}/{id}/cmd; unsubscribe. Everything else is denied.
+ *
+ * Adaptors (svc.adaptor.<name>: an NB-IoT platform's push, a LoRaWAN network server) publish for many
+ * devices over one connection. What an adaptor may do (fixed): log in with its password and a client id
+ * that is its username or its username + "." + anything (one adaptor, several connections); publish
+ * exactly to sc/v1/{type}/{id}/telemetry, /event and /status of the enabled devices assigned to it (the
+ * type from the device's own record); subscribe to sc/v1/+/+/cmd, $share/<its username>/sc/v1/+/+/cmd
+ * or the cmd topic of one of those devices, and receive the cmd messages of those devices only;
+ * unsubscribe. Everything else is denied. A device is assigned to at most one adaptor (a field of the
+ * device record: one lookup per publish); assigning it to another moves it. Its adaptor may not publish
+ * for it while it is disabled, nor once it is deleted (a device created again under that id starts
+ * unassigned).
  *
  * For a username this plugin does not know, every check answers MOSQ_ERR_PLUGIN_DEFER: the next plugin
  * (the dynamic security plugin, loaded after this one) decides. For a username it knows, it decides
@@ -40,10 +53,18 @@
  *   D <username>                               disabled
  *   E <username>                               enabled
  *   X <username>                               deleted
+ *   A <adaptor> <salt> <hash> <0|1>            adaptor created (or restated by compaction), disabled?
+ *   M <device> <adaptor>                       device assigned to the adaptor (moved if it had another)
+ *   U <device>                                 device unassigned
+ * P, D, E and X apply to a device or to an adaptor, by the username (only adaptors' contain a "."). A
+ * deleted device loses its assignment; a deleted adaptor's devices are unassigned. An older plugin
+ * refuses to start on a journal with adaptor lines (an unknown line is malformed), which is the safe
+ * way to fail.
  */
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -76,14 +97,31 @@
 /* Compact when the journal has more than 2 lines per device plus this slack. */
 #define COMPACT_SLACK 1024
 #define LIST_MAX 100000
+/* Adaptors: "svc.adaptor." + 1-52 of A-Z a-z 0-9 _ - (so a username fits USERNAME_MAX, and a "." after
+ * the username starts a connection suffix that no other adaptor's name can continue). */
+#define ADAPTOR_PREFIX "svc.adaptor."
+#define ADAPTOR_PREFIX_LEN 12
+#define ADAPTOR_WILDCARD_CMD "sc/v1/+/+/cmd"
 
 #define ERR_NOT_FOUND "Client not found"
 #define ERR_EXISTS "Client already exists"
+#define ERR_NOT_ASSIGNED "Not assigned to this adaptor"
 
 #define UNUSED(x) (void)(x)
 
+struct adaptor {
+	struct adaptor *next; /* hash chain */
+	uint32_t hashv;
+	bool disabled;
+	size_t device_count; /* devices assigned to it */
+	unsigned char salt[SALT_LEN];
+	unsigned char hash[HASH_LEN];
+	char username[USERNAME_MAX + 1];
+};
+
 struct device {
 	struct device *next; /* hash chain */
+	struct adaptor *adaptor; /* the adaptor that may publish for it, or NULL */
 	uint32_t hashv;
 	uint16_t type;
 	bool disabled;
@@ -107,6 +145,12 @@ static size_t journal_lines = 0;
 static struct device **buckets = NULL;
 static size_t bucket_count = 0;
 static size_t device_count = 0;
+
+/* Adaptors, in a hash table of their own (few, but looked up at every publish of theirs). */
+static struct adaptor **adaptor_buckets = NULL;
+static size_t adaptor_bucket_count = 0;
+static size_t adaptor_count = 0;
+static size_t assigned_count = 0; /* devices with an adaptor */
 
 /* Device types: every type seen (configured or in the journal); a device holds an index. Only
  * configured types are accepted by createDevices. */
@@ -137,6 +181,17 @@ static bool valid_username(const char *s)
 		}
 	}
 	return n > 0;
+}
+
+/* Is this username in the adaptors' namespace (whether or not a valid one)? */
+static bool is_adaptor_username(const char *s)
+{
+	return s != NULL && !strncmp(s, ADAPTOR_PREFIX, ADAPTOR_PREFIX_LEN);
+}
+
+static bool valid_adaptor_username(const char *s)
+{
+	return is_adaptor_username(s) && valid_username(s + ADAPTOR_PREFIX_LEN) && strlen(s) <= USERNAME_MAX;
 }
 
 static bool valid_type_name(const char *s)
@@ -335,9 +390,114 @@ static void device_remove(const char *username)
 	for(p = &buckets[h & (bucket_count - 1)]; (d = *p) != NULL; p = &d->next){
 		if(d->hashv == h && !strcmp(d->username, username)){
 			*p = d->next;
+			if(d->adaptor){
+				d->adaptor->device_count--;
+				assigned_count--;
+			}
 			mosquitto_free(d);
 			device_count--;
 			sorted_valid = false;
+			return;
+		}
+	}
+}
+
+/* Give the device to the adaptor (taking it from the one it had, if any). */
+static void device_assign(struct device *d, struct adaptor *a)
+{
+	if(d->adaptor == a) return;
+	if(d->adaptor){
+		d->adaptor->device_count--;
+	}else{
+		assigned_count++;
+	}
+	d->adaptor = a;
+	a->device_count++;
+}
+
+static void device_unassign(struct device *d)
+{
+	if(d->adaptor == NULL) return;
+	d->adaptor->device_count--;
+	d->adaptor = NULL;
+	assigned_count--;
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * The adaptor table
+ * ------------------------------------------------------------------------------------------------- */
+
+static struct adaptor *adaptor_find(const char *username)
+{
+	uint32_t h;
+	struct adaptor *a;
+	if(username == NULL || adaptor_bucket_count == 0) return NULL;
+	h = fnv1a(username);
+	for(a = adaptor_buckets[h & (adaptor_bucket_count - 1)]; a; a = a->next){
+		if(a->hashv == h && !strcmp(a->username, username)) return a;
+	}
+	return NULL;
+}
+
+static int adaptor_table_grow(void)
+{
+	size_t n = adaptor_bucket_count ? adaptor_bucket_count * 2 : 64, i;
+	struct adaptor **nb = mosquitto_calloc(n, sizeof(*nb));
+	if(nb == NULL) return -1;
+	for(i = 0; i < adaptor_bucket_count; i++){
+		struct adaptor *a = adaptor_buckets[i], *next;
+		for(; a; a = next){
+			next = a->next;
+			a->next = nb[a->hashv & (n - 1)];
+			nb[a->hashv & (n - 1)] = a;
+		}
+	}
+	mosquitto_free(adaptor_buckets);
+	adaptor_buckets = nb;
+	adaptor_bucket_count = n;
+	return 0;
+}
+
+/* A new adaptor (the username must be a valid adaptor username and unknown); NULL on out of memory. */
+static struct adaptor *adaptor_add(const char *username, const unsigned char *salt, const unsigned char *hash,
+		bool disabled)
+{
+	struct adaptor *a;
+	size_t b;
+
+	if(adaptor_count >= adaptor_bucket_count && adaptor_table_grow()) return NULL;
+	a = mosquitto_calloc(1, sizeof(*a));
+	if(a == NULL) return NULL;
+	strcpy(a->username, username); /* length checked by valid_adaptor_username() */
+	a->hashv = fnv1a(username);
+	a->disabled = disabled;
+	memcpy(a->salt, salt, SALT_LEN);
+	memcpy(a->hash, hash, HASH_LEN);
+	b = a->hashv & (adaptor_bucket_count - 1);
+	a->next = adaptor_buckets[b];
+	adaptor_buckets[b] = a;
+	adaptor_count++;
+	return a;
+}
+
+/* Remove the adaptor; its devices are unassigned first (a scan of the device table: deleting an adaptor
+ * is rare, publishing is not, so the device holds the link, not the adaptor). */
+static void adaptor_remove(struct adaptor *a)
+{
+	struct adaptor **p;
+	size_t i;
+
+	for(i = 0; i < bucket_count && a->device_count > 0; i++){
+		struct device *d;
+		for(d = buckets[i]; d; d = d->next){
+			if(d->adaptor == a) device_unassign(d);
+		}
+	}
+	for(p = &adaptor_buckets[a->hashv & (adaptor_bucket_count - 1)]; *p; p = &(*p)->next){
+		if(*p == a){
+			*p = a->next;
+			mosquitto_free(a);
+			adaptor_count--;
 			return;
 		}
 	}
@@ -357,6 +517,18 @@ static void table_free(void)
 	buckets = NULL;
 	bucket_count = 0;
 	device_count = 0;
+	assigned_count = 0;
+	for(i = 0; i < adaptor_bucket_count; i++){
+		struct adaptor *a = adaptor_buckets[i], *next;
+		for(; a; a = next){
+			next = a->next;
+			mosquitto_free(a);
+		}
+	}
+	mosquitto_free(adaptor_buckets);
+	adaptor_buckets = NULL;
+	adaptor_bucket_count = 0;
+	adaptor_count = 0;
 	free(sorted);
 	sorted = NULL;
 	sorted_valid = false;
@@ -397,6 +569,55 @@ static int line_create(const struct device *d, char *out)
 	b64_encode(d->hash, HASH_LEN, hash);
 	return snprintf(out, LINE_MAX_LEN, "C %s %s %s %s %d\n", d->username, types[d->type], salt, hash,
 			d->disabled ? 1 : 0);
+}
+
+/* One journal line for an adaptor's full state ("A ..."), into out (LINE_MAX_LEN bytes). */
+static int line_adaptor(const struct adaptor *a, char *out)
+{
+	char salt[SALT_B64_LEN + 1], hash[HASH_B64_LEN + 1];
+	b64_encode(a->salt, SALT_LEN, salt);
+	b64_encode(a->hash, HASH_LEN, hash);
+	return snprintf(out, LINE_MAX_LEN, "A %s %s %s %d\n", a->username, salt, hash, a->disabled ? 1 : 0);
+}
+
+/* A journal line of the control message being handled, written and synced with the others at its end. */
+__attribute__((format(printf, 1, 2)))
+static int pending_printf(const char *fmt, ...)
+{
+	char line[LINE_MAX_LEN];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	if(n < 0 || (size_t)n >= sizeof(line)) return -1;
+	return buffer_append(&pending, line, (size_t)n);
+}
+
+static int pending_adaptor_line(char op, const struct adaptor *a)
+{
+	char line[LINE_MAX_LEN];
+	int n;
+
+	if(op == 'A'){
+		n = line_adaptor(a, line);
+		if(n < 0 || n >= LINE_MAX_LEN) return -1;
+		return buffer_append(&pending, line, (size_t)n);
+	}
+	if(op == 'P'){
+		char salt[SALT_B64_LEN + 1], hash[HASH_B64_LEN + 1];
+		b64_encode(a->salt, SALT_LEN, salt);
+		b64_encode(a->hash, HASH_LEN, hash);
+		return pending_printf("P %s %s %s\n", a->username, salt, hash);
+	}
+	return pending_printf("%c %s\n", op, a->username);
+}
+
+/* The number of lines a compacted journal has (besides its header). */
+static size_t live_lines(void)
+{
+	return device_count + adaptor_count + assigned_count;
 }
 
 static int pending_line(const char *fmt_op, const struct device *d)
@@ -456,8 +677,9 @@ static int journal_open_append(void)
 	return 0;
 }
 
-/* Rewrite the journal from the table: header + one line per device, into a tmp file that replaces
- * the journal once it is on disk. */
+/* Rewrite the journal from the tables: header, one line per adaptor, one per device, one per assignment
+ * (adaptors and devices before the assignments that name them), into a tmp file that replaces the
+ * journal once it is on disk. */
 static int journal_compact(void)
 {
 	char tmp[4096], line[LINE_MAX_LEN];
@@ -468,10 +690,27 @@ static int journal_compact(void)
 	n = snprintf(tmp, sizeof(tmp), "%s.tmp", journal_path);
 	if(n < 0 || (size_t)n >= sizeof(tmp)) return -1;
 	if(buffer_append(&out, JOURNAL_HEADER "\n", strlen(JOURNAL_HEADER) + 1)) goto error;
+	for(i = 0; i < adaptor_bucket_count; i++){
+		struct adaptor *a;
+		for(a = adaptor_buckets[i]; a; a = a->next){
+			n = line_adaptor(a, line);
+			if(n < 0 || n >= LINE_MAX_LEN || buffer_append(&out, line, (size_t)n)) goto error;
+			lines++;
+		}
+	}
 	for(i = 0; i < bucket_count; i++){
 		struct device *d;
 		for(d = buckets[i]; d; d = d->next){
 			n = line_create(d, line);
+			if(n < 0 || n >= LINE_MAX_LEN || buffer_append(&out, line, (size_t)n)) goto error;
+			lines++;
+		}
+	}
+	for(i = 0; i < bucket_count; i++){
+		struct device *d;
+		for(d = buckets[i]; d; d = d->next){
+			if(d->adaptor == NULL) continue;
+			n = snprintf(line, sizeof(line), "M %s %s\n", d->username, d->adaptor->username);
 			if(n < 0 || n >= LINE_MAX_LEN || buffer_append(&out, line, (size_t)n)) goto error;
 			lines++;
 		}
@@ -495,8 +734,9 @@ static int journal_compact(void)
 		mosquitto_log_printf(MOSQ_LOG_ERR, PLUGIN_NAME ": cannot reopen %s: %s", journal_path, strerror(errno));
 		return -1;
 	}
-	mosquitto_log_printf(MOSQ_LOG_INFO, PLUGIN_NAME ": journal compacted to %lu device(s)",
-			(unsigned long)device_count);
+	mosquitto_log_printf(MOSQ_LOG_INFO, PLUGIN_NAME ": journal compacted to %lu device(s), %lu adaptor(s), "
+			"%lu assignment(s)", (unsigned long)device_count, (unsigned long)adaptor_count,
+			(unsigned long)assigned_count);
 	return 0;
 error:
 	mosquitto_log_printf(MOSQ_LOG_ERR, PLUGIN_NAME ": compacting %s failed: %s", journal_path, strerror(errno));
@@ -525,7 +765,7 @@ static int journal_flush(void)
 		journal_size += (off_t)pending.len;
 		journal_lines += lines;
 		pending.len = 0;
-		if(journal_lines > 2 * device_count + COMPACT_SLACK){
+		if(journal_lines > 2 * live_lines() + COMPACT_SLACK){
 			journal_compact(); /* the journal is valid either way */
 		}
 		return 0;
@@ -539,19 +779,81 @@ static int journal_flush(void)
 	return journal_compact();
 }
 
-/* Apply one journal line (without its newline) to the table; -1 if malformed. */
+/* Apply one journal line about an adaptor (A, P, D, E, X; tok[1] a valid adaptor username). */
+static int journal_apply_adaptor(char **tok, int ntok, size_t lineno, unsigned long *inconsistent)
+{
+	unsigned char salt[SALT_LEN], hash[HASH_LEN];
+	struct adaptor *a = adaptor_find(tok[1]);
+
+	switch(tok[0][0]){
+		case 'A':
+			if(ntok != 5 || b64_decode_exact(tok[2], salt, SALT_LEN) || b64_decode_exact(tok[3], hash, HASH_LEN)
+					|| (strcmp(tok[4], "0") && strcmp(tok[4], "1"))){
+				return -1;
+			}
+			if(a){
+				(*inconsistent)++;
+				memcpy(a->salt, salt, SALT_LEN);
+				memcpy(a->hash, hash, HASH_LEN);
+				a->disabled = tok[4][0] == '1';
+			}else if(adaptor_add(tok[1], salt, hash, tok[4][0] == '1') == NULL){
+				mosquitto_log_printf(MOSQ_LOG_ERR, PLUGIN_NAME ": out of memory at journal line %lu",
+						(unsigned long)lineno);
+				return -2;
+			}
+			return 0;
+		case 'P':
+			if(ntok != 4 || b64_decode_exact(tok[2], salt, SALT_LEN) || b64_decode_exact(tok[3], hash, HASH_LEN)){
+				return -1;
+			}
+			if(a){
+				memcpy(a->salt, salt, SALT_LEN);
+				memcpy(a->hash, hash, HASH_LEN);
+			}else{
+				(*inconsistent)++;
+			}
+			return 0;
+		case 'D':
+		case 'E':
+			if(ntok != 2) return -1;
+			if(a){
+				a->disabled = tok[0][0] == 'D';
+			}else{
+				(*inconsistent)++;
+			}
+			return 0;
+		case 'X':
+			if(ntok != 2) return -1;
+			if(a){
+				adaptor_remove(a);
+			}else{
+				(*inconsistent)++;
+			}
+			return 0;
+		default:
+			return -1;
+	}
+}
+
+/* Apply one journal line (without its newline) to the tables; -1 if malformed. */
 static int journal_apply(char *line, size_t lineno, unsigned long *inconsistent)
 {
 	char *tok[7], *save = NULL, *t;
 	int ntok = 0, type;
 	unsigned char salt[SALT_LEN], hash[HASH_LEN];
 	struct device *d;
+	struct adaptor *a;
 
 	for(t = strtok_r(line, " ", &save); t; t = strtok_r(NULL, " ", &save)){
 		if(ntok == 7) return -1;
 		tok[ntok++] = t;
 	}
-	if(ntok < 2 || strlen(tok[0]) != 1 || !valid_username(tok[1])) return -1;
+	if(ntok < 2 || strlen(tok[0]) != 1) return -1;
+	if(is_adaptor_username(tok[1])){
+		if(!valid_adaptor_username(tok[1])) return -1;
+		return journal_apply_adaptor(tok, ntok, lineno, inconsistent);
+	}
+	if(!valid_username(tok[1])) return -1;
 	d = device_find(tok[1]);
 	switch(tok[0][0]){
 		case 'C':
@@ -597,6 +899,23 @@ static int journal_apply(char *line, size_t lineno, unsigned long *inconsistent)
 			if(ntok != 2) return -1;
 			if(d){
 				device_remove(tok[1]);
+			}else{
+				(*inconsistent)++;
+			}
+			return 0;
+		case 'M':
+			if(ntok != 3 || !valid_adaptor_username(tok[2])) return -1;
+			a = adaptor_find(tok[2]);
+			if(d && a){
+				device_assign(d, a);
+			}else{
+				(*inconsistent)++;
+			}
+			return 0;
+		case 'U':
+			if(ntok != 2) return -1;
+			if(d && d->adaptor){
+				device_unassign(d);
 			}else{
 				(*inconsistent)++;
 			}
@@ -733,17 +1052,19 @@ static int journal_load(void)
 	}
 	close(fd);
 	if(inconsistent){
-		mosquitto_log_printf(MOSQ_LOG_WARNING, PLUGIN_NAME ": %s: %lu line(s) about devices in an unexpected "
-				"state (created twice, or changed while absent); applied as far as possible",
+		mosquitto_log_printf(MOSQ_LOG_WARNING, PLUGIN_NAME ": %s: %lu line(s) about devices or adaptors in an "
+				"unexpected state (created twice, or changed while absent); applied as far as possible",
 				journal_path, inconsistent);
 	}
 	if(journal_open_append()){
 		mosquitto_log_printf(MOSQ_LOG_ERR, PLUGIN_NAME ": cannot open %s: %s", journal_path, strerror(errno));
 		return -1;
 	}
-	mosquitto_log_printf(MOSQ_LOG_INFO, PLUGIN_NAME ": %lu device account(s) loaded from %s (%lu journal lines)",
-			(unsigned long)device_count, journal_path, (unsigned long)journal_lines);
-	if(journal_lines > 2 * device_count + COMPACT_SLACK) journal_compact();
+	mosquitto_log_printf(MOSQ_LOG_INFO, PLUGIN_NAME ": %lu device account(s), %lu adaptor(s) and %lu "
+			"assignment(s) loaded from %s (%lu journal lines)", (unsigned long)device_count,
+			(unsigned long)adaptor_count, (unsigned long)assigned_count, journal_path,
+			(unsigned long)journal_lines);
+	if(journal_lines > 2 * live_lines() + COMPACT_SLACK) journal_compact();
 	return 0;
 }
 
@@ -751,7 +1072,7 @@ static int journal_load(void)
  * Authentication and access control
  * ------------------------------------------------------------------------------------------------- */
 
-static bool password_matches(const struct device *d, const char *password)
+static bool password_matches(const unsigned char *salt, const unsigned char *hash, const char *password)
 {
 	unsigned char digest[EVP_MAX_MD_SIZE];
 	unsigned int digest_len = 0;
@@ -761,30 +1082,48 @@ static bool password_matches(const struct device *d, const char *password)
 	ctx = EVP_MD_CTX_new();
 	if(ctx == NULL) return false;
 	ok = EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1
-		&& EVP_DigestUpdate(ctx, d->salt, SALT_LEN) == 1
+		&& EVP_DigestUpdate(ctx, salt, SALT_LEN) == 1
 		&& EVP_DigestUpdate(ctx, password, strlen(password)) == 1
 		&& EVP_DigestFinal_ex(ctx, digest, &digest_len) == 1
 		&& digest_len == HASH_LEN;
 	EVP_MD_CTX_free(ctx);
-	return ok && CRYPTO_memcmp(digest, d->hash, HASH_LEN) == 0;
+	return ok && CRYPTO_memcmp(digest, hash, HASH_LEN) == 0;
+}
+
+/* An adaptor's client id: its username, or its username + "." + at least one more character. Adaptor
+ * names cannot hold a ".", so no other adaptor (and no device) can use these client ids. */
+static bool adaptor_client_id(const struct adaptor *a, const char *client_id)
+{
+	size_t n = strlen(a->username);
+	if(client_id == NULL || strncmp(client_id, a->username, n)) return false;
+	return client_id[n] == '\0' || (client_id[n] == '.' && client_id[n + 1] != '\0');
 }
 
 static int basic_auth_callback(int event, void *event_data, void *userdata)
 {
 	struct mosquitto_evt_basic_auth *ed = event_data;
 	const struct device *d;
+	const struct adaptor *a;
 	const char *client_id;
 
 	UNUSED(event);
 	UNUSED(userdata);
 
+	if(is_adaptor_username(ed->username)){
+		a = adaptor_find(ed->username);
+		if(a == NULL) return MOSQ_ERR_PLUGIN_DEFER;
+		/* Bound to a client id prefix: nobody else can take over an adaptor's sessions. */
+		if(!adaptor_client_id(a, mosquitto_client_id(ed->client))) return MOSQ_ERR_AUTH;
+		if(a->disabled || ed->password == NULL) return MOSQ_ERR_AUTH;
+		return password_matches(a->salt, a->hash, ed->password) ? MOSQ_ERR_SUCCESS : MOSQ_ERR_AUTH;
+	}
 	d = device_find(ed->username);
 	if(d == NULL) return MOSQ_ERR_PLUGIN_DEFER;
 	client_id = mosquitto_client_id(ed->client);
 	/* The client id is bound to the device: nobody else can take over its session. */
 	if(client_id == NULL || strcmp(client_id, d->username)) return MOSQ_ERR_AUTH;
 	if(d->disabled || ed->password == NULL) return MOSQ_ERR_AUTH;
-	return password_matches(d, ed->password) ? MOSQ_ERR_SUCCESS : MOSQ_ERR_AUTH;
+	return password_matches(d->salt, d->hash, ed->password) ? MOSQ_ERR_SUCCESS : MOSQ_ERR_AUTH;
 }
 
 /* Does topic equal "sc/v1/{type}/{username}/{kind}"? */
@@ -803,15 +1142,93 @@ static bool is_device_topic(const char *topic, const struct device *d, const cha
 	return !strcmp(topic + n + 1, kind);
 }
 
+/* The device of "sc/v1/{type}/{id}/{kind}" if it exists and is of that type (else NULL), and its kind. */
+static struct device *topic_device(const char *topic, const char **kind)
+{
+	char id[USERNAME_MAX + 1];
+	const char *type, *slash;
+	struct device *d;
+	size_t type_len, id_len;
+
+	if(strncmp(topic, "sc/v1/", 6)) return NULL;
+	type = topic + 6;
+	slash = strchr(type, '/');
+	if(slash == NULL) return NULL;
+	type_len = (size_t)(slash - type);
+	id_len = strcspn(slash + 1, "/");
+	if(id_len == 0 || id_len > USERNAME_MAX || slash[1 + id_len] != '/') return NULL;
+	*kind = slash + 1 + id_len + 1;
+	if(strchr(*kind, '/')) return NULL;
+	memcpy(id, slash + 1, id_len);
+	id[id_len] = '\0';
+	d = device_find(id);
+	if(d == NULL || strlen(types[d->type]) != type_len || strncmp(types[d->type], type, type_len)) return NULL;
+	return d;
+}
+
+/* Is the topic "sc/v1/{type}/{id}/{kind}" of an enabled device assigned to the adaptor, with kind one of
+ * `kinds` (a NULL-terminated list)? One hash lookup. */
+static bool adaptor_device_topic(const struct adaptor *a, const char *topic, const char *const *kinds)
+{
+	const char *kind = NULL;
+	const struct device *d = topic_device(topic, &kind);
+
+	if(d == NULL || d->adaptor != a || d->disabled) return false;
+	for(; *kinds; kinds++){
+		if(!strcmp(kind, *kinds)) return true;
+	}
+	return false;
+}
+
+/* $share/<the adaptor's username>/sc/v1/+/+/cmd: the group is named after the adaptor, so its
+ * connections do not join a group with another account's subscribers (the broker gives each message to
+ * one member of a group: it could pick a member that may not receive that command). */
+static bool adaptor_shared_cmd(const struct adaptor *a, const char *topic)
+{
+	size_t n = strlen(a->username);
+	if(strncmp(topic, "$share/", 7)) return false;
+	topic += 7;
+	return !strncmp(topic, a->username, n) && topic[n] == '/' && !strcmp(topic + n + 1, ADAPTOR_WILDCARD_CMD);
+}
+
+static int adaptor_acl_check(const struct adaptor *a, const struct mosquitto_evt_acl_check *ed)
+{
+	static const char *const uplink[] = {"telemetry", "event", "status", NULL};
+	static const char *const downlink[] = {"cmd", NULL};
+
+	if(ed->access == MOSQ_ACL_UNSUBSCRIBE) return MOSQ_ERR_SUCCESS;
+	/* A disabled adaptor was disconnected when it was disabled; this only closes the gap until then. */
+	if(ed->topic == NULL || a->disabled) return MOSQ_ERR_ACL_DENIED;
+	switch(ed->access){
+		case MOSQ_ACL_WRITE:
+			return adaptor_device_topic(a, ed->topic, uplink) ? MOSQ_ERR_SUCCESS : MOSQ_ERR_ACL_DENIED;
+		case MOSQ_ACL_SUBSCRIBE:
+			/* The wildcard is only a filter: each message is checked again (READ) before delivery. */
+			if(!strcmp(ed->topic, ADAPTOR_WILDCARD_CMD) || adaptor_shared_cmd(a, ed->topic)){
+				return MOSQ_ERR_SUCCESS;
+			}
+			return adaptor_device_topic(a, ed->topic, downlink) ? MOSQ_ERR_SUCCESS : MOSQ_ERR_ACL_DENIED;
+		case MOSQ_ACL_READ:
+			return adaptor_device_topic(a, ed->topic, downlink) ? MOSQ_ERR_SUCCESS : MOSQ_ERR_ACL_DENIED;
+		default:
+			return MOSQ_ERR_ACL_DENIED;
+	}
+}
+
 static int acl_check_callback(int event, void *event_data, void *userdata)
 {
 	struct mosquitto_evt_acl_check *ed = event_data;
 	const struct device *d;
+	const char *username = mosquitto_client_username(ed->client);
 
 	UNUSED(event);
 	UNUSED(userdata);
 
-	d = device_find(mosquitto_client_username(ed->client));
+	if(is_adaptor_username(username)){
+		const struct adaptor *a = adaptor_find(username);
+		return a ? adaptor_acl_check(a, ed) : MOSQ_ERR_PLUGIN_DEFER;
+	}
+	d = device_find(username);
 	if(d == NULL) return MOSQ_ERR_PLUGIN_DEFER;
 	if(ed->access == MOSQ_ACL_UNSUBSCRIBE) return MOSQ_ERR_SUCCESS;
 	/* A disabled device was disconnected when it was disabled; this only closes the gap until then. */
@@ -1020,6 +1437,7 @@ static void cmd_get(struct request *req, const cJSON *cmd, const char *corr)
 	cJSON_AddStringToObject(device, "username", d->username);
 	cJSON_AddStringToObject(device, "type", types[d->type]);
 	cJSON_AddBoolToObject(device, "disabled", d->disabled);
+	if(d->adaptor) cJSON_AddStringToObject(device, "adaptor", d->adaptor->username);
 }
 
 static void cmd_find(struct request *req, const cJSON *cmd, const char *corr)
@@ -1067,6 +1485,267 @@ static void cmd_list(struct request *req, const cJSON *cmd, const char *corr)
 	for(i = start; i < end; i++){
 		cJSON_AddItemToArray(list, cJSON_CreateString(sorted[i]->username));
 	}
+}
+
+/* ---- adaptors ---------------------------------------------------------------------------------------- */
+
+/* The adaptor a command names; replies with the error and returns NULL if none. */
+static struct adaptor *named_adaptor(struct request *req, const cJSON *cmd, const char *command, const char *corr)
+{
+	const char *username = get_string(cmd, "username");
+	struct adaptor *a;
+	if(username == NULL){
+		reply(req, command, "Invalid/missing username", corr);
+		return NULL;
+	}
+	a = adaptor_find(username);
+	if(a == NULL) reply(req, command, ERR_NOT_FOUND, corr);
+	return a;
+}
+
+static void cmd_create_adaptor(struct request *req, const cJSON *cmd, const char *corr)
+{
+	const char *username = get_string(cmd, "username");
+	unsigned char salt[SALT_LEN], hash[HASH_LEN];
+	struct adaptor *a;
+	cJSON *r;
+
+	if(!valid_adaptor_username(username)){
+		reply(req, "createAdaptor", "Invalid/missing username", corr);
+		return;
+	}
+	if(b64_decode_exact(get_string(cmd, "salt"), salt, SALT_LEN)
+			|| b64_decode_exact(get_string(cmd, "hash"), hash, HASH_LEN)){
+		reply(req, "createAdaptor", "Invalid salt or hash", corr);
+		return;
+	}
+	if(adaptor_find(username)){
+		reply(req, "createAdaptor", ERR_EXISTS, corr);
+		return;
+	}
+	a = adaptor_add(username, salt, hash, false);
+	if(a == NULL){
+		reply(req, "createAdaptor", "Internal error", corr);
+		return;
+	}
+	r = reply(req, "createAdaptor", pending_adaptor_line('A', a) ? "Internal error" : NULL, corr);
+	note_changed(req, r);
+	mosquitto_log_printf(MOSQ_LOG_INFO, PLUGIN_NAME ": %s/%s | createAdaptor | username=%s",
+			req->admin_id, req->admin_username, a->username);
+}
+
+static void cmd_set_adaptor_password(struct request *req, const cJSON *cmd, const char *corr)
+{
+	unsigned char salt[SALT_LEN], hash[HASH_LEN];
+	struct adaptor *a = named_adaptor(req, cmd, "setAdaptorPassword", corr);
+	cJSON *r;
+
+	if(a == NULL) return;
+	if(b64_decode_exact(get_string(cmd, "salt"), salt, SALT_LEN)
+			|| b64_decode_exact(get_string(cmd, "hash"), hash, HASH_LEN)){
+		reply(req, "setAdaptorPassword", "Invalid salt or hash", corr);
+		return;
+	}
+	memcpy(a->salt, salt, SALT_LEN);
+	memcpy(a->hash, hash, HASH_LEN);
+	r = reply(req, "setAdaptorPassword", pending_adaptor_line('P', a) ? "Internal error" : NULL, corr);
+	note_changed(req, r);
+	kick(a->username); /* every connection of the adaptor */
+	mosquitto_log_printf(MOSQ_LOG_INFO, PLUGIN_NAME ": %s/%s | setAdaptorPassword | username=%s",
+			req->admin_id, req->admin_username, a->username);
+}
+
+static void cmd_set_adaptor_disabled(struct request *req, const cJSON *cmd, const char *corr, bool disabled)
+{
+	const char *command = disabled ? "disableAdaptor" : "enableAdaptor";
+	struct adaptor *a = named_adaptor(req, cmd, command, corr);
+	cJSON *r;
+
+	if(a == NULL) return;
+	a->disabled = disabled;
+	r = reply(req, command, pending_adaptor_line(disabled ? 'D' : 'E', a) ? "Internal error" : NULL, corr);
+	note_changed(req, r);
+	if(disabled) kick(a->username);
+	mosquitto_log_printf(MOSQ_LOG_INFO, PLUGIN_NAME ": %s/%s | %s | username=%s",
+			req->admin_id, req->admin_username, command, a->username);
+}
+
+static void cmd_delete_adaptor(struct request *req, const cJSON *cmd, const char *corr)
+{
+	char username[USERNAME_MAX + 1];
+	struct adaptor *a = named_adaptor(req, cmd, "deleteAdaptor", corr);
+	size_t devices;
+	cJSON *r;
+	int rc;
+
+	if(a == NULL) return;
+	/* The X line alone unassigns its devices on replay: no U line per device. */
+	rc = pending_adaptor_line('X', a);
+	strcpy(username, a->username);
+	devices = a->device_count;
+	adaptor_remove(a);
+	r = reply(req, "deleteAdaptor", rc ? "Internal error" : NULL, corr);
+	note_changed(req, r);
+	kick(username);
+	mosquitto_log_printf(MOSQ_LOG_INFO, PLUGIN_NAME ": %s/%s | deleteAdaptor | username=%s unassigned=%lu",
+			req->admin_id, req->admin_username, username, (unsigned long)devices);
+}
+
+static void cmd_get_adaptor(struct request *req, const cJSON *cmd, const char *corr)
+{
+	struct adaptor *a = named_adaptor(req, cmd, "getAdaptor", corr);
+	cJSON *r, *data, *adaptor;
+
+	if(a == NULL) return;
+	r = reply(req, "getAdaptor", NULL, corr);
+	data = r ? cJSON_AddObjectToObject(r, "data") : NULL;
+	adaptor = data ? cJSON_AddObjectToObject(data, "adaptor") : NULL;
+	if(adaptor == NULL) return;
+	cJSON_AddStringToObject(adaptor, "username", a->username);
+	cJSON_AddBoolToObject(adaptor, "disabled", a->disabled);
+	cJSON_AddNumberToObject(adaptor, "devices", (double)a->device_count);
+}
+
+static int cmp_adaptors(const void *x, const void *y)
+{
+	return strcmp((*(struct adaptor *const *)x)->username, (*(struct adaptor *const *)y)->username);
+}
+
+/* offset and count of a list command: offset >= 0, 0 <= count <= LIST_MAX (-1 or absent: LIST_MAX). */
+static void list_window(const cJSON *cmd, size_t total, size_t *start, size_t *end)
+{
+	const cJSON *j_offset = cJSON_GetObjectItemCaseSensitive(cmd, "offset");
+	const cJSON *j_count = cJSON_GetObjectItemCaseSensitive(cmd, "count");
+	double offset = cJSON_IsNumber(j_offset) ? j_offset->valuedouble : 0;
+	double count = cJSON_IsNumber(j_count) ? j_count->valuedouble : -1;
+
+	if(!(offset >= 0)) offset = 0;
+	if(!(count >= 0) || count > LIST_MAX) count = LIST_MAX;
+	*start = offset > (double)total ? total : (size_t)offset;
+	*end = *start + (size_t)count > total ? total : *start + (size_t)count;
+}
+
+static void cmd_list_adaptors(struct request *req, const cJSON *cmd, const char *corr)
+{
+	struct adaptor **all;
+	cJSON *r, *data, *list;
+	size_t i, n = 0, start, end;
+
+	all = malloc((adaptor_count ? adaptor_count : 1) * sizeof(*all));
+	if(all == NULL){
+		reply(req, "listAdaptors", "Internal error", corr);
+		return;
+	}
+	for(i = 0; i < adaptor_bucket_count; i++){
+		struct adaptor *a;
+		for(a = adaptor_buckets[i]; a; a = a->next) all[n++] = a;
+	}
+	qsort(all, n, sizeof(*all), cmp_adaptors);
+	r = reply(req, "listAdaptors", NULL, corr);
+	data = r ? cJSON_AddObjectToObject(r, "data") : NULL;
+	list = data ? cJSON_AddArrayToObject(data, "adaptors") : NULL;
+	if(list != NULL){
+		cJSON_AddNumberToObject(data, "totalCount", (double)n);
+		list_window(cmd, n, &start, &end);
+		for(i = start; i < end; i++) cJSON_AddItemToArray(list, cJSON_CreateString(all[i]->username));
+	}
+	free(all);
+}
+
+/* The adaptor's devices, sorted, a page at a time: a pass over the sorted snapshot of all devices
+ * (an admin's read, not on the publish path). */
+static void cmd_list_adaptor_devices(struct request *req, const cJSON *cmd, const char *corr)
+{
+	struct adaptor *a = named_adaptor(req, cmd, "listAdaptorDevices", corr);
+	cJSON *r, *data, *list;
+	size_t i, seen = 0, start, end;
+
+	if(a == NULL) return;
+	if(sorted_rebuild()){
+		reply(req, "listAdaptorDevices", "Internal error", corr);
+		return;
+	}
+	r = reply(req, "listAdaptorDevices", NULL, corr);
+	data = r ? cJSON_AddObjectToObject(r, "data") : NULL;
+	list = data ? cJSON_AddArrayToObject(data, "devices") : NULL;
+	if(list == NULL) return;
+	cJSON_AddNumberToObject(data, "totalCount", (double)a->device_count);
+	list_window(cmd, a->device_count, &start, &end);
+	for(i = 0; i < device_count && seen < end; i++){
+		if(sorted[i]->adaptor != a) continue;
+		if(seen >= start) cJSON_AddItemToArray(list, cJSON_CreateString(sorted[i]->username));
+		seen++;
+	}
+}
+
+/* assignDevices / unassignDevices: {"username": <adaptor>, "devices": [ids]}, thousands per message,
+ * one journal line per device changed. Per-device errors are under "errors" (key: the id, or
+ * "#<position>" for an item that is not a valid id). */
+static void cmd_assign(struct request *req, const cJSON *cmd, const char *corr, bool assign)
+{
+	const char *command = assign ? "assignDevices" : "unassignDevices";
+	const cJSON *devices = cJSON_GetObjectItemCaseSensitive(cmd, "devices"), *item;
+	struct adaptor *a = named_adaptor(req, cmd, command, corr);
+	cJSON *r, *data, *errors, *moved = NULL;
+	unsigned long changed = 0, unchanged = 0, index = 0, refused = 0;
+	bool journal_error = false;
+
+	if(a == NULL) return;
+	if(!cJSON_IsArray(devices)){
+		reply(req, command, "Missing/invalid devices array", corr);
+		return;
+	}
+	r = reply(req, command, NULL, corr);
+	data = r ? cJSON_AddObjectToObject(r, "data") : NULL;
+	errors = data ? cJSON_AddObjectToObject(data, "errors") : NULL;
+	if(assign && errors) moved = cJSON_AddObjectToObject(data, "moved");
+	if(errors == NULL || (assign && moved == NULL)){
+		if(r) cJSON_AddStringToObject(r, "error", "Internal error");
+		return;
+	}
+	cJSON_ArrayForEach(item, devices){
+		const char *username = cJSON_IsString(item) ? item->valuestring : NULL;
+		struct device *d;
+		char key[32];
+
+		index++;
+		if(!valid_username(username)){
+			snprintf(key, sizeof(key), "#%lu", index);
+			cJSON_AddStringToObject(errors, key, "Invalid username");
+			refused++;
+			continue;
+		}
+		d = device_find(username);
+		if(d == NULL){
+			cJSON_AddStringToObject(errors, username, ERR_NOT_FOUND);
+			refused++;
+			continue;
+		}
+		if(assign){
+			if(d->adaptor == a){
+				unchanged++;
+				continue;
+			}
+			if(d->adaptor) cJSON_AddStringToObject(moved, username, d->adaptor->username);
+			device_assign(d, a);
+			if(pending_printf("M %s %s\n", d->username, a->username)) journal_error = true;
+		}else{
+			if(d->adaptor != a){
+				cJSON_AddStringToObject(errors, username, ERR_NOT_ASSIGNED);
+				refused++;
+				continue;
+			}
+			device_unassign(d);
+			if(pending_printf("U %s\n", d->username)) journal_error = true;
+		}
+		changed++;
+	}
+	cJSON_AddNumberToObject(data, assign ? "assigned" : "unassigned", (double)changed);
+	if(assign) cJSON_AddNumberToObject(data, "unchanged", (double)unchanged);
+	if(journal_error) cJSON_AddStringToObject(r, "error", "Internal error");
+	if(changed) note_changed(req, r);
+	mosquitto_log_printf(MOSQ_LOG_INFO, PLUGIN_NAME ": %s/%s | %s | username=%s changed=%lu unchanged=%lu "
+			"refused=%lu", req->admin_id, req->admin_username, command, a->username, changed, unchanged, refused);
 }
 
 static void send_response(struct request *req, cJSON *tree)
@@ -1145,6 +1824,26 @@ static int control_callback(int event, void *event_data, void *userdata)
 				cmd_find(&req, cmd, corr);
 			}else if(!strcmp(command, "listDevices")){
 				cmd_list(&req, cmd, corr);
+			}else if(!strcmp(command, "createAdaptor")){
+				cmd_create_adaptor(&req, cmd, corr);
+			}else if(!strcmp(command, "setAdaptorPassword")){
+				cmd_set_adaptor_password(&req, cmd, corr);
+			}else if(!strcmp(command, "disableAdaptor")){
+				cmd_set_adaptor_disabled(&req, cmd, corr, true);
+			}else if(!strcmp(command, "enableAdaptor")){
+				cmd_set_adaptor_disabled(&req, cmd, corr, false);
+			}else if(!strcmp(command, "deleteAdaptor")){
+				cmd_delete_adaptor(&req, cmd, corr);
+			}else if(!strcmp(command, "getAdaptor")){
+				cmd_get_adaptor(&req, cmd, corr);
+			}else if(!strcmp(command, "listAdaptors")){
+				cmd_list_adaptors(&req, cmd, corr);
+			}else if(!strcmp(command, "listAdaptorDevices")){
+				cmd_list_adaptor_devices(&req, cmd, corr);
+			}else if(!strcmp(command, "assignDevices")){
+				cmd_assign(&req, cmd, corr, true);
+			}else if(!strcmp(command, "unassignDevices")){
+				cmd_assign(&req, cmd, corr, false);
 			}else{
 				reply(&req, command, "Unknown command", corr);
 			}
