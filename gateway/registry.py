@@ -1648,7 +1648,7 @@ class Registry:
             pending = select(devices.c.device_id, devices.c.lifecycle).where(
                 devices.c.device_id.in_(ids), devices.c.lifecycle.in_(("registered", "online"))
             )
-            before = dict(conn.execute(pending).tuples().all())
+            before = {r.device_id: r.lifecycle for r in conn.execute(pending)}
             moved = sorted(before)
             if not moved:
                 return []

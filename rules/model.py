@@ -239,7 +239,8 @@ def group_key(by: GroupBy, obs: Observation) -> str | None:
         return f"community:{obs.community}" if obs.community else None
     assert isinstance(by, AttrGroup)
     value = obs.attributes.get(by.attr)
-    return f"{by.attr}:{value}" if value is not None and value != "" else None
+    # scoped by community like buildings: two communities' "1号回路" are different circuits
+    return f"{by.attr}:{obs.community or '-'}/{value}" if value is not None and value != "" else None
 
 
 class Level(BaseModel):

@@ -96,9 +96,10 @@ def test_dark_circuit_is_one_case_not_one_per_lamp() -> None:
         out += e.process(obs(f"sl-{i}", dark, t=night + i * S, device_type="streetlight", attributes=attrs))
     out += e.tick(night + 5 * MIN + 2 * S)  # lamps 0-2 out for 5 minutes
     grouped = [(v.rule_id, v.key, v.change, v.grouped_into) for v in out]
-    assert ("streetlight.circuit_dark", "circuit:C7", "opened", None) in grouped
+    key = "circuit:110101001001/C7"  # a circuit is scoped by its community
+    assert ("streetlight.circuit_dark", key, "opened", None) in grouped
     for i in range(3):
-        assert ("streetlight.lamp_out", f"sl-{i}", "cleared", "circuit:C7") in grouped
+        assert ("streetlight.lamp_out", f"sl-{i}", "cleared", key) in grouped
     later = e.tick(night + 6 * MIN)  # lamps 3-4: taken into the group, no case of their own
     assert [(v.rule_id, v.change, v.members) for v in later] == [
         ("streetlight.circuit_dark", "repeated", ("sl-0", "sl-1", "sl-2", "sl-3")),
@@ -123,3 +124,30 @@ def test_one_dark_lamp_is_its_own_case() -> None:
     )
     out = e.tick(night + 5 * MIN)
     assert [(v.rule_id, v.change, v.urgency) for v in out] == [("streetlight.lamp_out", "opened", "P3")]
+
+
+def test_circuits_of_the_same_name_in_two_communities_are_different_circuits() -> None:
+    e = Engine(load_default_rules())
+    night = at_local(21)
+    attrs = {"circuit": "1号回路", "rated_power_w": 100, "schedule": "18:00-06:00"}
+    dark = {"lamp_on": True, "power_w": 1.0, "lux": 2.0}
+    out = []
+    # two dark lamps in one community, one in another: no circuit has the 3 dark lamps a group needs
+    for i, community in enumerate(["社区A", "社区A", "社区B"]):
+        out += e.process(
+            obs(
+                f"sl-{i}",
+                dark,
+                t=night + i * S,
+                device_type="streetlight",
+                attributes=attrs,
+                community=community,
+            )
+        )
+    out += e.tick(night + 5 * MIN + 2 * S)
+    assert [v for v in out if v.rule_id == "streetlight.circuit_dark"] == []
+    assert sorted(v.device_id or "" for v in out if v.rule_id == "streetlight.lamp_out") == [
+        "sl-0",
+        "sl-1",
+        "sl-2",
+    ]

@@ -4,31 +4,52 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
+import math
+import random
 import re
+import statistics
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from devices import DEVICE_ID_RE, THING_MODELS
 from devices.model import STATUS_ADAPTER
+from gateway.decode import Decoder
+from gateway.messages import Duplicate, RawMessage, Reading, Reason, Rejection
 from simulators.behaviour import (
+    FAULT_TAGS,
+    HOUR_MS,
+    MALFORMED_KINDS,
     SIMULATORS,
     AnomalyRates,
     DeviceSim,
+    FaultRates,
     Message,
+    Weather,
     in_window,
     iter_messages,
+    local_hour,
     local_minute,
     make_simulator,
+    next_hourly_poisson,
     parse_schedule,
 )
 from simulators.community import ROW_KEYS, generate_community, read_devices_csv, write_devices_csv
-from simulators.run import RunStats, run_community
+from simulators.run import (
+    DeviceConnectionsPublisher,
+    DeviceCredentials,
+    RunStats,
+    _parser,
+    _rates,
+    read_credentials_csv,
+    run_community,
+)
 
 START_MS = 1_795_239_454_000  # 2026-11-21T05:37:34Z, 13:37 in Beijing
 DAY_MS = 86_400_000
@@ -47,11 +68,40 @@ def simulate(
     days: float = 2,
     seed: int = 1,
     anomalies: AnomalyRates | None = None,
+    faults: FaultRates | None = None,
+    report_interval_s: float | None = None,
+    status: bool = True,
 ) -> tuple[list[DeviceSim], list[Message]]:
-    sims = [make_simulator(r, start_ms=START_MS, seed=seed, anomalies=anomalies) for r in rows]
-    messages = [s.status(START_MS) for s in sims]
+    sims = [
+        make_simulator(
+            r,
+            start_ms=START_MS,
+            seed=seed,
+            anomalies=anomalies,
+            faults=faults,
+            report_interval_s=report_interval_s,
+        )
+        for r in rows
+    ]
+    messages = [s.status(START_MS) for s in sims] if status else []
     messages += iter_messages(sims, START_MS + int(days * DAY_MS))
     return sims, messages
+
+
+def only(**rates: float) -> AnomalyRates:
+    """No anomalies but these."""
+    return replace(AnomalyRates.none(), **rates)
+
+
+def by_device(messages: Sequence[Message]) -> dict[str, list[Message]]:
+    out: dict[str, list[Message]] = defaultdict(list)
+    for m in messages:
+        out[m.device_id].append(m)
+    return out
+
+
+def of_type(rows: Sequence[Mapping[str, Any]], device_type: str) -> list[Mapping[str, Any]]:
+    return [r for r in rows if r["device_type"] == device_type]
 
 
 def validate(message: Message) -> dict[str, Any]:
@@ -219,7 +269,8 @@ def test_with_frequent_anomalies_every_declared_event_occurs_and_validates(
         if m.kind == "event":
             events.add((m.device_type, payload["event"]))
     declared = {(t, e.name) for t, model in THING_MODELS.items() for e in model.events}
-    assert declared - events == {("smoke_detector", "low_battery")}  # only with a low battery, below
+    # low_battery only with a low battery (tested below); frequent alarms may have run one down
+    assert declared - events <= {("smoke_detector", "low_battery")}
 
 
 def test_low_battery_is_reported_once_a_day() -> None:
@@ -437,3 +488,500 @@ def test_message_encoding_is_compact_utf8_json(rows: list[dict[str, Any]]) -> No
     m = make_simulator(rows[0], start_ms=START_MS).status(START_MS)
     assert json.loads(m.encode()) == m.payload
     assert b" " not in m.encode()
+
+
+# -- behaviour realism --------------------------------------------------------------------------------
+
+
+def test_hourly_poisson_lands_only_in_hours_with_a_rate() -> None:
+    rng = random.Random(1)
+    per_hour = [0.0] * 24
+    per_hour[8] = 30.0  # only 08:00-09:00 local
+    t = START_MS
+    for _ in range(200):
+        t = next_hourly_poisson(rng, t, per_hour)
+        assert int(local_hour(t)) == 8
+    # on average 30 an hour: 200 events take about 200 / 30 such hours, i.e. about 7 days
+    assert 4 * DAY_MS < t - START_MS < 10 * DAY_MS
+
+
+def test_rain_is_the_same_for_every_device_of_a_community(rows: list[dict[str, Any]]) -> None:
+    a, b = (make_simulator(r, start_ms=START_MS, seed=1, anomalies=only(rain=2)) for r in rows[:2])
+    later_first = Weather(1, "x", 2.0)
+    earlier_first = Weather(1, "x", 2.0)
+    later_first.rain_mm_h(START_MS + 5 * DAY_MS)  # asking out of order changes nothing
+    other = Weather(1, "another community", 2.0)
+    times = [START_MS + k * 600_000 for k in range(6 * 24 * 5)]
+    assert [a.weather.rain_mm_h(t) for t in times] == [b.weather.rain_mm_h(t) for t in times]
+    assert [later_first.rain_mm_h(t) for t in times] == [earlier_first.rain_mm_h(t) for t in times]
+    assert [later_first.rain_mm_h(t) for t in times] != [other.rain_mm_h(t) for t in times]
+    rainy = sum(a.weather.rain_mm_h(t) > 0 for t in times)
+    assert 0 < rainy < len(times) / 2
+
+
+def _cover(rows: Sequence[Mapping[str, Any]], owner: str, n: int) -> dict[str, Any]:
+    row = dict(of_type(rows, "manhole_cover")[0])
+    row["device_id"] = f"c001-mh-9{n:03d}"
+    row["attributes"] = {**row["attributes"], "owner_class": owner, "depth_cm": 200.0}
+    return row
+
+
+def test_water_rises_with_rain_and_the_covers_flood_together(rows: list[dict[str, Any]]) -> None:
+    covers = [
+        _cover(rows, "0103", 1),
+        _cover(rows, "0103", 2),
+        _cover(rows, "0102", 3),
+        _cover(rows, "0101", 4),
+    ]
+    sims = [
+        make_simulator(r, start_ms=START_MS, seed=4, anomalies=only(rain=1.5), report_interval_s=3600)
+        for r in covers
+    ]
+    floods: list[list[float]] = [[] for _ in sims]
+    messages: list[Message] = []
+    for k in range(1, 6 * 24 * 20):  # 20 days, looked at every 10 minutes
+        t = START_MS + k * 600_000
+        for i, sim in enumerate(sims):
+            messages += sim.advance(t)
+            floods[i].append(sim.flood_cm)  # type: ignore[attr-defined]
+    # the same storms fill every well: storm drains rise together
+    assert statistics.correlation(floods[0], floods[1]) > 0.8
+    assert statistics.correlation(floods[0], floods[2]) > 0.8
+    # storm drains fill most, a water-supply well hardly at all
+    assert max(floods[3]) < 0.5 * max(floods[0]) and max(floods[3]) < 0.5 * max(floods[1])
+    weather = sims[0].weather
+    wet, dry = [], []
+    for m in messages:
+        if m.device_id == covers[0]["device_id"] and m.kind == "telemetry":
+            raining = any(weather.rain_mm_h(m.ts_ms - k * 600_000) > 0 for k in range(6))
+            (wet if raining else dry).append(m.payload["water_level_cm"])
+    assert statistics.mean(wet) < statistics.mean(dry) - 20
+    # a downpour brings the water up to the cover (the rule's 30 cm), and the cover says so at once:
+    # between its hourly reports (its 10-minute water check)
+    near = [m for m in messages if m.kind == "telemetry" and m.payload["water_level_cm"] < 30]
+    assert near
+    reports = Counter(m.device_id for m in messages if m.kind == "telemetry")
+    assert max(reports.values()) > 20 * 24 * 1.05  # more than the hourly reports alone
+
+
+def test_no_rain_no_flood(rows: list[dict[str, Any]]) -> None:
+    sims, messages = simulate(of_type(rows, "manhole_cover"), days=5, anomalies=AnomalyRates.none())
+    assert all(s.flood_cm == 0 for s in sims)  # type: ignore[attr-defined]
+    for m in messages:
+        if m.kind == "telemetry":
+            assert m.payload["water_level_cm"] > 50
+
+
+def test_a_lifted_cover_is_open_but_hardly_tilted(rows: list[dict[str, Any]]) -> None:
+    sims, messages = simulate(of_type(rows, "manhole_cover"), days=3, anomalies=only(cover_lifted=3))
+    baseline = {s.device_id: s.attributes["tilt_baseline_deg"] for s in sims}
+    lifted = [m for m in messages if m.kind == "telemetry" and m.payload["cover_open"]]
+    assert lifted
+    for m in lifted:
+        assert abs(m.payload["tilt_deg"] - baseline[m.device_id]) < 7
+    closed_again = [m for m in messages if m.kind == "telemetry" and not m.payload["cover_open"]]
+    assert closed_again[-1].ts_ms > lifted[0].ts_ms
+
+
+def test_gas_builds_up_in_wells(rows: list[dict[str, Any]]) -> None:
+    _, clean = simulate(of_type(rows, "manhole_cover"), days=3, anomalies=AnomalyRates.none())
+    _, gassy = simulate(of_type(rows, "manhole_cover"), days=3, anomalies=only(well_gas=3))
+
+    def alarming(p: Mapping[str, Any]) -> bool:  # the default rules' thresholds
+        return p["ch4_lel_pct"] >= 25 or p["h2s_ppm"] >= 6 or p["co_ppm"] >= 24 or p["o2_pct"] < 19.5
+
+    assert not any(alarming(m.payload) for m in clean if m.kind == "telemetry")
+    assert any(alarming(m.payload) for m in gassy if m.kind == "telemetry")
+    for m in gassy:
+        validate(m)
+
+
+def test_streetlight_leakage_and_pole_tilt(rows: list[dict[str, Any]]) -> None:
+    poles = of_type(rows, "streetlight")
+    _, calm = simulate(poles, days=3, anomalies=AnomalyRates.none())
+    _, troubled = simulate(poles, days=3, anomalies=only(leakage=2, pole_tilt=2))
+    calm_t = [m.payload for m in calm if m.kind == "telemetry"]
+    assert max(p["leakage_ma"] for p in calm_t) < 30 and max(p["pole_tilt_deg"] for p in calm_t) < 3
+    t = [m.payload for m in troubled if m.kind == "telemetry"]
+    leak = [p["leakage_ma"] for p in t]
+    assert any(30 <= x < 100 for x in leak) and any(x >= 100 for x in leak)  # warning and critical
+    assert any(p["pole_tilt_deg"] >= 3 for p in t)
+    for m in troubled:
+        validate(m)
+
+
+def test_rain_wets_the_poles_a_little(rows: list[dict[str, Any]]) -> None:
+    pole = of_type(rows, "streetlight")[0]
+    sim = make_simulator(pole, start_ms=START_MS, seed=1, anomalies=only(rain=3), report_interval_s=600)
+    messages = [m for m in sim.advance(START_MS + 10 * DAY_MS) if m.kind == "telemetry"]
+    wet = [m.payload["leakage_ma"] for m in messages if sim.weather.rain_mm_h(m.ts_ms) > 10]
+    dry = [m.payload["leakage_ma"] for m in messages if sim.weather.rain_mm_h(m.ts_ms) == 0]
+    assert wet and statistics.mean(wet) > statistics.mean(dry) + 1
+    assert max(wet) < 30  # wet, not faulty
+
+
+def test_a_stuck_relay_burns_the_lamp_by_day(rows: list[dict[str, Any]]) -> None:
+    sims, messages = simulate(of_type(rows, "streetlight"), days=3, anomalies=only(lamp_stuck_on=2))
+    rated = {s.device_id: s.attributes["rated_power_w"] for s in sims}
+    on_min, off_min = parse_schedule("18:00-06:00")
+    by_day = [
+        m.payload | {"id": m.device_id}
+        for m in messages
+        if m.kind == "telemetry" and not in_window(local_minute(m.ts_ms), on_min, off_min)
+    ]
+    burning = [p for p in by_day if p["lamp_on"]]
+    assert burning and any(p["lux"] > 100 for p in burning)
+    for p in burning:
+        assert p["power_w"] == pytest.approx(rated[p["id"]], rel=0.05)
+    assert any(not p["lamp_on"] for p in by_day)  # repaired, or never stuck
+
+
+def test_failed_lamps_draw_nothing_with_or_without_a_fault_event(rows: list[dict[str, Any]]) -> None:
+    poles = [dict(of_type(rows, "streetlight")[0], device_id=f"c001-sl-9{k:03d}") for k in range(20)]
+    _, messages = simulate(
+        poles, days=10, anomalies=only(lamp_fault=0.3), report_interval_s=600, status=False
+    )
+    assert {m.payload["event"] for m in messages if m.kind == "event"} == {"lamp_fault"}
+    announced = silent = 0
+    for stream in by_device(messages).values():
+        told, out = False, False  # a lamp_fault event since the lamp was last seen lit; in an outage
+        for m in stream:
+            if m.kind == "event":
+                told = True
+            elif m.payload["lamp_on"] and m.payload["power_w"] < 5:  # on, but drawing nothing: out
+                if not out:
+                    announced, silent = announced + told, silent + (not told)
+                out = True
+            elif m.payload["lamp_on"]:  # lit again: repaired
+                told, out = False, False
+    assert announced > 0 and silent > 0  # the driver told, or only the power tells
+
+
+def test_parking_follows_the_day(rows: list[dict[str, Any]]) -> None:
+    bays = [
+        dict(
+            of_type(rows, "parking_sensor")[0],
+            device_id=f"c001-pk-9{k:03d}",
+            attributes={"bay_kind": "normal"},
+        )
+        for k in range(40)
+    ]
+    _, messages = simulate(bays, days=10, anomalies=AnomalyRates.none(), report_interval_s=86_400)
+    arrivals: Counter[int] = Counter()
+    departures: Counter[int] = Counter()
+    overnight_leaves: list[float] = []
+    last: dict[str, tuple[bool, int]] = {}
+    for m in messages:
+        if m.kind != "telemetry":
+            continue
+        occupied = m.payload["occupied"]
+        prev = last.get(m.device_id)
+        if prev is not None and prev[0] != occupied:
+            h = local_hour(m.ts_ms)
+            (arrivals if occupied else departures)[int(h)] += 1
+            if not occupied and 18 <= local_hour(prev[1]) < 22 and m.ts_ms - prev[1] > 6 * HOUR_MS:
+                overnight_leaves.append(h)
+        if prev is None or prev[0] != occupied:
+            last[m.device_id] = (occupied, m.ts_ms)
+    assert sum(arrivals[h] for h in range(17, 20)) > 3 * sum(arrivals[h] for h in range(1, 4))
+    assert sum(departures[h] for h in range(7, 10)) > 3 * sum(departures[h] for h in range(0, 5))
+    # cars home for the night leave in the morning rush
+    assert overnight_leaves and all(5.5 <= h <= 11 for h in overnight_leaves)
+
+
+def test_time_limited_bays_overstay_only_as_an_anomaly(rows: list[dict[str, Any]]) -> None:
+    bay = dict(
+        of_type(rows, "parking_sensor")[0],
+        attributes={"bay_kind": "time_limited", "time_limit_min": 120.0},
+    )
+
+    def longest_stay_min(anomalies: AnomalyRates) -> float:
+        sim = make_simulator(bay, start_ms=START_MS, seed=2, anomalies=anomalies, report_interval_s=86_400)
+        longest, since = 0.0, None
+        for m in sim.advance(START_MS + 10 * DAY_MS):
+            if m.kind == "telemetry" and m.payload["occupied"] and since is None:
+                since = m.ts_ms
+            elif m.kind == "telemetry" and not m.payload["occupied"] and since is not None:
+                longest, since = max(longest, (m.ts_ms - since) / 60_000), None
+        return longest
+
+    assert longest_stay_min(AnomalyRates.none()) <= 120
+    assert longest_stay_min(only(overstay=2)) > 120
+
+
+def test_an_abandoned_car_stays_for_days(rows: list[dict[str, Any]]) -> None:
+    bay = dict(of_type(rows, "parking_sensor")[0], attributes={"bay_kind": "normal"})
+    sim = make_simulator(
+        bay, start_ms=START_MS, seed=2, anomalies=only(abandoned_vehicle=1), report_interval_s=86_400
+    )
+    messages = [m for m in sim.advance(START_MS + 30 * DAY_MS) if m.kind == "telemetry"]
+    changes = [
+        m
+        for i, m in enumerate(messages)
+        if i == 0 or m.payload["occupied"] != messages[i - 1].payload["occupied"]
+    ]
+    stays = [b.ts_ms - a.ts_ms for a, b in itertools.pairwise(changes) if a.payload["occupied"]]
+    assert max(stays) > 7 * DAY_MS
+
+
+def test_doors_are_busy_in_the_rush_hours_and_see_bursts_of_denied_cards(rows: list[dict[str, Any]]) -> None:
+    doors = of_type(rows, "access_control")
+    _, messages = simulate(doors, days=5, anomalies=only(denied_burst=3))
+    by_hour: Counter[int] = Counter()
+    denied = defaultdict(list)
+    for m in messages:
+        if m.kind == "event" and m.payload["event"] in ("access_granted", "access_denied"):
+            by_hour[int(local_hour(m.ts_ms))] += 1
+        if m.kind == "event" and m.payload["event"] == "access_denied":
+            denied[(m.device_id, m.payload["credential"])].append(m.ts_ms)
+    assert sum(by_hour[h] for h in (7, 8, 17, 18)) > 5 * sum(by_hour[h] for h in (2, 3, 4, 5))
+    bursts = 0
+    for stamps in denied.values():
+        # the default rule's P3 level: 5 denials within 5 minutes on one door
+        if any(stamps[i + 4] - stamps[i] <= 300_000 for i in range(len(stamps) - 4)):
+            bursts += 1
+    assert bursts >= 3
+
+
+def test_night_denials_are_more_often_out_of_schedule(rows: list[dict[str, Any]]) -> None:
+    door = of_type(rows, "access_control")[0]
+    sim = make_simulator(door, start_ms=START_MS, seed=5, anomalies=AnomalyRates.none())
+    denials = [m for m in sim.advance(START_MS + 60 * DAY_MS) if m.payload.get("event") == "access_denied"]
+    night = [m.payload["reason"] for m in denials if local_hour(m.ts_ms) >= 23 or local_hour(m.ts_ms) < 6]
+    day = [m.payload["reason"] for m in denials if 8 <= local_hour(m.ts_ms) < 20]
+    share = lambda reasons: reasons.count("out_of_schedule") / len(reasons)  # noqa: E731
+    assert share(night) > share(day) + 0.1
+
+
+def test_smoke_detectors_heartbeat_drain_slowly_and_alarms_cost_battery(rows: list[dict[str, Any]]) -> None:
+    row = of_type(rows, "smoke_detector")[0]
+    quiet = make_simulator(row, start_ms=START_MS, anomalies=AnomalyRates.none())
+    noisy = make_simulator(row, start_ms=START_MS, anomalies=only(smoke_alarm=2))
+    before = quiet.battery_pct
+    beats = [m for m in quiet.advance(START_MS + 30 * DAY_MS) if m.kind == "telemetry"]
+    assert 27 <= len(beats) <= 33  # one a day
+    assert before - quiet.battery_pct == pytest.approx(0.3, abs=0.01)  # 0.01 % a day
+    noisy.advance(START_MS + 30 * DAY_MS)
+    assert noisy.battery_pct < quiet.battery_pct - 5
+
+
+def test_smoke_alarms_cluster_at_cooking_times(rows: list[dict[str, Any]]) -> None:
+    _, messages = simulate(of_type(rows, "smoke_detector"), days=30, anomalies=only(smoke_alarm=1))
+    hours = [int(local_hour(m.ts_ms)) for m in messages if m.payload.get("event") == "smoke_alarm"]
+    meals = sum(h in (11, 12, 17, 18) for h in hours)
+    night = sum(h in (1, 2, 3, 4) for h in hours)
+    assert meals > 4 * night and len(hours) > 200
+
+
+def test_a_detector_fault_repeats_until_serviced(rows: list[dict[str, Any]]) -> None:
+    row = of_type(rows, "smoke_detector")[0]
+    sim = make_simulator(row, start_ms=START_MS, seed=3, anomalies=only(detector_fault=0.2))
+    events = [m.payload["event"] for m in sim.advance(START_MS + 60 * DAY_MS) if m.kind == "event"]
+    assert events.count("fault") > events.count("self_test") >= 1
+    first = events.index("fault")
+    assert "self_test" in events[first:]  # serviced: the technician's test ends it
+
+
+# -- faults -----------------------------------------------------------------------------------------
+
+
+def test_fault_rates() -> None:
+    assert not FaultRates.none().active and FaultRates().active
+    assert FaultRates.every(3).duplicate == 3 and FaultRates.every(3).offline_s == FaultRates().offline_s
+    assert FaultRates().scaled(2).late == 2 * FaultRates().late
+    with pytest.raises(ValueError, match="duplicate"):
+        FaultRates(duplicate=-1)
+    with pytest.raises(ValueError, match="offline_s"):
+        FaultRates(offline_s=(10, 5))
+
+
+def test_zero_fault_rates_give_exactly_the_output_without_faults(rows: list[dict[str, Any]]) -> None:
+    _, plain = simulate(rows, days=1, anomalies=AnomalyRates.every(2))
+    _, zero = simulate(rows, days=1, anomalies=AnomalyRates.every(2), faults=FaultRates.none())
+    assert plain == zero
+    assert all(m.fault is None and m.raw is None for m in plain)
+
+
+def _key(m: Message) -> tuple[str, int]:
+    return m.device_id, m.payload["seq"]
+
+
+def test_duplicates_and_late_messages_change_nothing_the_devices_measured(rows: list[dict[str, Any]]) -> None:
+    faults = replace(FaultRates.none(), duplicate=30, late=30)
+    _, plain = simulate(rows, days=1, status=False)
+    sims, faulted = simulate(rows, days=1, faults=faults, status=False)
+    held = [m for s in sims for m in s.held_back[:1]]  # still held back when the day ended
+    originals = [m for m in faulted if m.fault != "duplicate"] + held
+    assert sorted((_key(m), m.payload) for m in originals) == sorted((_key(m), m.payload) for m in plain)
+    assert Counter(m.fault for m in faulted) == {
+        None: len(plain) - len(held) - sum(s.fault_counts["late"] for s in sims),
+        "duplicate": sum(s.fault_counts["duplicate"] for s in sims),
+        "late": sum(s.fault_counts["late"] for s in sims),
+    }
+    for stream in by_device(faulted).values():
+        highest = -1
+        for i, m in enumerate(stream):
+            if m.fault == "duplicate":  # right after the message it repeats: same payload, seq, ts
+                assert stream[i - 1].payload == m.payload and stream[i - 1].encode() == m.encode()
+            elif m.fault == "late":  # after later ones
+                assert m.payload["seq"] < highest
+            else:
+                assert m.payload["seq"] > highest
+            highest = max(highest, m.payload["seq"])
+
+
+def test_offline_devices_go_quiet_then_come_back(rows: list[dict[str, Any]]) -> None:
+    faults = replace(FaultRates.none(), offline=20, offline_s=(600, 3600))
+    sims, messages = simulate(rows, days=1, faults=faults, status=False)
+    lost = 0
+    for sim in sims:
+        stream = [m for m in messages if m.device_id == sim.device_id]
+        offline = False
+        seqs: list[int] = []
+        for m in stream:
+            if m.fault == "offline":
+                assert not offline and m.kind == "status" and m.retain
+                assert m.payload == {"online": False} and m.encode() == b'{"online":false}'  # the last will
+                offline = True
+            elif m.fault == "online":
+                assert offline and m.kind == "status" and m.payload["online"] is True
+                offline = False
+                seqs.append(m.payload["seq"])
+            else:
+                assert not offline, "a device sent while offline"
+                seqs.append(m.payload["seq"])
+        assert seqs == sorted(seqs)
+        lost += sim.seq - len(seqs)  # what it measured while away is missing from its seq
+    assert lost == sum(s.fault_counts["lost"] for s in sims) > 0
+    assert sum(s.fault_counts["offline"] for s in sims) > len(rows)
+
+
+@dataclass(frozen=True)
+class FakeDevice:
+    device_id: str
+    device_type: str
+    community: str | None = None
+    grid_code: str | None = None
+    lifecycle: str = "in_service"
+
+
+EXPECTED_REASONS = {
+    "malformed_not_json": {Reason.NOT_JSON, Reason.NOT_UTF8},
+    "malformed_wrong_type": {Reason.WRONG_TYPE},
+    "malformed_out_of_range": {Reason.OUT_OF_RANGE},
+    "malformed_unknown_field": {Reason.UNKNOWN_FIELD},
+}
+
+
+def test_the_gateway_rejects_malformed_payloads_and_drops_duplicates(rows: list[dict[str, Any]]) -> None:
+    faults = replace(FaultRates.none(), faulty_unit=10, faulty_s=(1800, 3600), duplicate=20, late=20)
+    _, messages = simulate(rows, days=1, anomalies=AnomalyRates.every(2), faults=faults)
+    devices = {r["device_id"]: FakeDevice(r["device_id"], r["device_type"]) for r in rows}
+    decoder = Decoder(devices.get, credential_key=b"k")
+    outcomes: Counter[str] = Counter()
+    for m in messages:
+        out = decoder.decode(RawMessage(m.topic, m.encode(), received_ms=m.ts_ms or START_MS))
+        if m.malformed:
+            assert isinstance(out, Rejection), m
+            assert out.reason in EXPECTED_REASONS[str(m.fault)], (m, out)
+            if m.fault != "malformed_not_json":
+                with pytest.raises(ValidationError):
+                    validate(m)
+        elif m.fault == "duplicate":
+            assert isinstance(out, Duplicate)
+        else:
+            assert isinstance(out, Reading), (m, out)
+        outcomes[str(m.fault)] += 1
+    assert {f"malformed_{k}" for k in MALFORMED_KINDS} | {"duplicate", "late"} <= outcomes.keys()
+    assert outcomes.keys() <= {*FAULT_TAGS, "None"}
+
+
+def test_faults_are_reproducible_and_do_not_depend_on_stepping(rows: list[dict[str, Any]]) -> None:
+    faults = FaultRates.every(20)
+    row = of_type(rows, "access_control")[0]
+    one = make_simulator(row, start_ms=START_MS, seed=3, faults=faults)
+    many = make_simulator(row, start_ms=START_MS, seed=3, faults=faults)
+    other = make_simulator(row, start_ms=START_MS, seed=4, faults=faults)
+    end = START_MS + DAY_MS // 2
+    stepped: list[Message] = []
+    for t in range(START_MS, end + 1, 7_000):
+        stepped += many.advance(t)
+    stepped += many.advance(end)
+    single = one.advance(end)
+    assert single == stepped
+    assert {m.fault for m in single} > {None}
+    assert [m.fault for m in other.advance(end)] != [m.fault for m in single]
+
+
+# -- the run loop: faults and credentials --------------------------------------------------------------
+
+
+async def test_run_community_passes_faults_on_and_counts_them(rows: list[dict[str, Any]]) -> None:
+    pub = MemoryPublisher()
+    faults = replace(FaultRates.every(200), offline_s=(60, 600), faulty_s=(60, 600))
+    stats = await run_community(
+        rows, host="unused", port=0, speed=3600, interval_s=60, duration_s=0.5, publisher=pub,
+        start_ms=START_MS, faults=faults,
+    )  # fmt: skip
+    published = Counter(m.fault for m in pub.published if m.fault is not None)
+    assert stats.faults == published and published.keys() >= {"offline", "online", "duplicate", "late"}
+    assert stats.lost > 0 and stats.failed == 0
+    offline = [m for m in pub.published if m.fault == "offline"]
+    assert all(m.retain and m.payload == {"online": False} for m in offline)
+    # the last statuses: an online device says offline; one that dropped off has its will already
+    last_status: dict[str, Message] = {}
+    for m in pub.published:
+        if m.kind == "status":
+            last_status[m.device_id] = m
+    assert len(last_status) == len(rows)
+    assert all(m.payload["online"] is False for m in last_status.values())
+    assert any(m.fault == "offline" for m in last_status.values())
+
+
+CREDENTIALS_CSV = "device_id,username,password,client_id\nc001-mh-0001,c001-mh-0001,pw1,c001-mh-0001\n"
+
+
+def test_credentials_csv() -> None:
+    creds = read_credentials_csv(io.StringIO(CREDENTIALS_CSV + "c001-sl-0001,c001-sl-0001,pw2,\n"))
+    assert creds == {
+        "c001-mh-0001": DeviceCredentials("c001-mh-0001", "c001-mh-0001", "pw1", "c001-mh-0001"),
+        "c001-sl-0001": DeviceCredentials("c001-sl-0001", "c001-sl-0001", "pw2", "c001-sl-0001"),
+    }
+    assert "pw1" not in repr(creds)
+    with pytest.raises(ValueError, match="client_id"):
+        read_credentials_csv(io.StringIO("device_id,username,password\nx,x,y\n"))
+    with pytest.raises(ValueError, match="twice"):
+        read_credentials_csv(io.StringIO(CREDENTIALS_CSV + CREDENTIALS_CSV.splitlines()[1] + "\n"))
+    with pytest.raises(ValueError, match="required"):
+        read_credentials_csv(io.StringIO(CREDENTIALS_CSV + "c001-sl-0001,c001-sl-0001,,\n"))
+
+
+async def test_every_device_needs_its_credentials(rows: list[dict[str, Any]]) -> None:
+    creds = read_credentials_csv(io.StringIO(CREDENTIALS_CSV))
+    with pytest.raises(ValueError, match=f"no credentials for {len(rows) - 1} device"):
+        await run_community(rows, host="unused", port=0, duration_s=0.1, credentials=creds)
+    publisher = DeviceConnectionsPublisher("unused", 0, creds)
+    with pytest.raises(ValueError, match="no credentials"):
+        await publisher.start(rows)
+
+
+def test_cli_options() -> None:
+    a = _parser().parse_args(
+        [
+            "--devices-csv",
+            "d.csv",
+            "--credentials-csv",
+            "c.csv",
+            "--fault",
+            "duplicate=20",
+            "--anomaly",
+            "rain=2",
+        ]
+    )
+    assert a.credentials_csv == "c.csv" and a.fault_scale == 0
+    assert _rates(a.fault, FaultRates.RATES, "fault") == {"duplicate": 20.0}
+    assert _rates(a.anomaly, ["rain"], "anomaly") == {"rain": 2.0}
+    for bad in (["bogus=1"], ["duplicate"], ["duplicate=x"], ["duplicate=-1"]):
+        with pytest.raises(SystemExit):
+            _rates(bad, FaultRates.RATES, "fault")
+    assert math.isclose(FaultRates().scaled(_parser().parse_args([]).fault_scale).duplicate, 0)
