@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from gateway.broker_admin import ADAPTOR_ROLE
 from stack.services import (
@@ -123,6 +124,8 @@ def up(args: argparse.Namespace) -> int:
         cli = [py, "-m", "gateway.cli"]
         subprocess.run([*cli, "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
         csv_path = VAR / "community.csv"
+        creds_path = VAR / "community-credentials.csv"
+        own_credentials = False
         if not args.no_sim:
             print("==> registering a simulated community", flush=True)
             subprocess.run(
@@ -131,7 +134,18 @@ def up(args: argparse.Namespace) -> int:
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
-            subprocess.run([*cli, "devices", "import", str(csv_path)], env=env, check=True)
+            # Each device gets its own broker account (the installers' path); the simulator then connects
+            # every device with its own credentials. Devices registered by an earlier run without a
+            # credentials file fall back to the simulator's shared adaptor connections.
+            import_cmd = [*cli, "devices", "import", str(csv_path)]
+            if not creds_path.exists():
+                import_cmd += ["--issue-credentials", str(creds_path)]
+            subprocess.run(
+                import_cmd,
+                env=dict(env, SC_MQTT_ADMIN_FILE=str(VAR / "mosquitto" / "admin.json")),
+                check=True,
+            )
+            own_credentials = _covers(creds_path, csv_path)
         print("==> starting the gateway", flush=True)
         gw_log = open(VAR / "gateway.log", "ab")  # noqa: SIM115 - lives as long as the process
         procs.append(
@@ -170,6 +184,7 @@ def up(args: argparse.Namespace) -> int:
                         "30",
                         "--anomaly-scale",
                         str(args.anomaly_scale),
+                        *(["--credentials-csv", str(creds_path)] if own_credentials else []),
                     ],
                     env=dict(
                         env,
@@ -182,7 +197,12 @@ def up(args: argparse.Namespace) -> int:
                 )
             )
         influx_cli = f"influx -port {influx_port} -database sc"
-        sim_desc = "off" if args.no_sim else f"community of {csv_path} every ~{args.interval}s"
+        sim_desc = (
+            "off"
+            if args.no_sim
+            else f"community of {csv_path} every ~{args.interval}s, "
+            + ("each device on its own account" if own_credentials else "through the adaptor account")
+        )
         print(
             f"""
 Running (all on 127.0.0.1; data under {VAR}):
@@ -247,6 +267,19 @@ Ctrl-C stops everything.
         for s in reversed(services):
             s.stop()
         print("stopped", flush=True)
+
+
+def _covers(creds_path: Path, csv_path: Path) -> bool:
+    """Whether the credentials file has an account for every device of the community file."""
+    import csv
+
+    if not creds_path.exists():
+        return False
+    with open(creds_path, newline="", encoding="utf-8") as f:
+        have = {row["device_id"] for row in csv.DictReader(f)}
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        want = {row["device_id"] for row in csv.DictReader(f)}
+    return bool(want) and want <= have
 
 
 def _incident_counts(db_url: str) -> str:
