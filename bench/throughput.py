@@ -21,58 +21,28 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.mqttload import Encoded, RawPublisher, encode
-from devices import THING_MODELS
+from bench.mqttload import Encoded, RawPublisher
 from gateway.broker_admin import Credentials
+from simulators.load import Fleet, PayloadGenerator, Profile
 from stack.services import InfluxService, free_port, start_influxdb, start_mosquitto
 
 TYPES = ("streetlight", "parking_sensor", "manhole_cover", "access_control", "smoke_detector")
-
-
-# A quiet day: readings inside every default rule's good side (rules evaluate, alarms stay rare).
-# Fields not listed draw over their whole plausible range, as in --storm for all of them.
-QUIET: dict[str, tuple[float, float] | bool] = {
-    "tilt_deg": (0.0, 3.0),
-    "cover_open": False,
-    "water_level_cm": (100.0, 400.0),
-    "ch4_lel_pct": (0.0, 5.0),
-    "h2s_ppm": (0.0, 2.0),
-    "co_ppm": (0.0, 10.0),
-    "o2_pct": (20.0, 21.0),
-    "temperature_c": (10.0, 30.0),
-    "battery_pct": (40.0, 100.0),
-    "rssi_dbm": (-100.0, -60.0),
-    "lamp_on": True,
-    "dimming_pct": (50.0, 100.0),
-    "voltage_v": (215.0, 225.0),
-    "current_a": (0.3, 0.8),
-    "power_w": (60.0, 150.0),
-    "power_factor": (0.9, 1.0),
-    "energy_kwh": (100.0, 200.0),
-    "leakage_ma": (0.0, 10.0),
-    "pole_tilt_deg": (0.0, 1.0),
-    "lux": (0.0, 5.0),
-    "door_open": False,
-    "occupied": False,
-    "alarm": False,
-    "smoke_obscuration_pct_m": (0.0, 1.0),
-}
+# Device time of the first message: fixed, so the messages are the same for a seed (the gateway phase
+# overwrites each ts with its send time anyway).
+START_MS = 1_000_000_000_000
 
 
 def build_messages(
     n_devices: int, n_messages: int, seed: int, storm: bool = False
 ) -> tuple[list[dict[str, object]], Encoded]:
-    """Device rows and telemetry messages (round robin over devices).
+    """Device rows and telemetry messages (round robin over devices), from simulators.load.
 
-    Values are a quiet day's (QUIET) unless `storm`, which draws every value over its field's whole
-    plausible range: valid for the gateway, but an alarm storm for the rules.
+    Values are a quiet day's (simulators.load.QUIET) unless `storm`, which draws every value over its
+    field's whole plausible range: valid for the gateway, but an alarm storm for the rules.
     """
-    rng = np.random.default_rng(seed)
-    rows = []
+    rows: list[dict[str, object]] = []
     for i in range(n_devices):
         t = TYPES[i % len(TYPES)]
         rows.append(
@@ -83,35 +53,8 @@ def build_messages(
                 "grid_code": f"110101001{i % 20:03d}{i % 7:03d}",
             }
         )
-    # per type: a value table drawn at once (numpy), then one JSON document per message
-    per_type: dict[str, list[tuple[str, np.ndarray]]] = {}
-    for t in TYPES:
-        cols = []
-        for f in THING_MODELS[t].telemetry:
-            quiet = None if storm else QUIET.get(f.name)
-            if f.kind is bool:
-                if isinstance(quiet, bool):
-                    cols.append((f.name, np.full(n_messages, quiet)))
-                else:
-                    cols.append((f.name, rng.integers(0, 2, n_messages).astype(bool)))
-            else:
-                if isinstance(quiet, tuple):
-                    lo, hi = quiet
-                else:
-                    lo = f.minimum if f.minimum is not None else 0.0
-                    hi = f.maximum if f.maximum is not None else lo + 1000.0
-                cols.append((f.name, np.round(rng.uniform(lo, hi, n_messages), 2)))
-        per_type[t] = cols
-    msgs = []
-    for j in range(n_messages):
-        row = rows[j % n_devices]
-        t = str(row["device_type"])
-        payload: dict[str, object] = {"ts": 0, "seq": j // n_devices}
-        for name, arr in per_type[t]:
-            v = arr[j]
-            payload[name] = bool(v) if arr.dtype == bool else float(v)
-        msgs.append((f"sc/v1/{t}/{row['device_id']}/telemetry", payload))
-    return rows, encode(msgs)
+    gen = PayloadGenerator(Fleet.from_rows(rows), Profile(seed=seed, storm=storm), start_ms=START_MS)
+    return rows, gen.encoded(n_messages, protocol=4)
 
 
 def _baseline_subscriber(port: int, account: Credentials, total: int, q: mp.Queue) -> None:  # type: ignore[type-arg]
