@@ -166,3 +166,36 @@ def test_a_stopped_run_still_waits_for_its_acknowledgements(mosquitto: Mosquitto
     report = run_load(cfg, progress=None, stop=stop)
     assert report.ok, report.summary()
     assert 0 < report.sent < 120_000 and report.acked == report.sent
+
+
+def test_through_an_adaptor_account_only_its_assigned_devices_get_through(
+    mosquitto: MosquittoService, subscriber: Subscriber, prefix: str
+) -> None:
+    """The way an NB-IoT platform or a LoRaWAN server publishes: an adaptor of the device-auth plugin, with
+    several connections (client ids `<username>.<i>`), may publish only for the devices assigned to it."""
+    fleet = Fleet.generate(300, communities=2, prefix=prefix)
+    ids = [str(r["device_id"]) for r in fleet.rows]
+    with mosquitto.admin() as admin:
+        admin.create_devices([(str(r["device_id"]), str(r["device_type"])) for r in fleet.rows])
+        adaptor = admin.create_adaptor(f"ld{uuid.uuid4().hex[:8]}")
+        admin.assign_devices(adaptor.username.removeprefix("svc.adaptor."), ids[:200])
+    profile = Profile(seed=3)
+    cfg = config(
+        mosquitto,
+        fleet,
+        profile=profile,
+        username=adaptor.username,
+        password=adaptor.password,
+        connections=3,
+        messages=600,  # 2 per device
+        start_ms=START_MS,
+    )
+    report = run_load(cfg, progress=None)
+
+    assert not report.ok  # the unassigned third is refused, and the run says so
+    assert report.acked + sum(report.refused.values()) == 600
+    assert report.refused == {0x87: 200}  # 100 unassigned devices × 2 messages
+    assert [c.client_id for c in report.connections] == [f"{adaptor.username}.{i}" for i in range(3)]
+    wait_for(subscriber.count, lambda n: n >= 400, what="the assigned devices' 400 messages")
+    got = {topic.split("/")[3] for topic, _ in subscriber.received}
+    assert got == set(ids[:200])
