@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy import Engine
 
-from api import commissioning, incidents, installers, places
+from api import commissioning, incidents, installers, manager, places, users
 from api.errors import install_error_handlers
 from api.services import Services
 from api.settings import ApiSettings
@@ -39,14 +39,22 @@ TAGS = [
         "description": "Governance incidents: the incident system's progress reports (back-channel), "
         "reading incidents with their history, acknowledging, false-alarm counts.",
     },
+    {
+        "name": "managers",
+        "description": "Property managers: incident comments, assignment and live stream; devices with "
+        "status and last values; a device's readings over time; counts by place and type.",
+    },
     {"name": "responsible units", "description": "Units that act on devices (权属/养护单位)."},
+    {"name": "users", "description": "People: log in and out, who am I; the users and their roles (admins)."},
     {"name": "meta", "description": "Liveness."},
 ]
 
 DESCRIPTION = """\
-Every route needs an API key: `Authorization: Bearer sck_<key id>_<secret>` or
-`X-API-Key: sck_<key id>_<secret>` (made with `sc-gateway apikeys create --name N --role installer`).
-Missing or bad key: 401; a role or scope that does not reach the route: 403.
+Every route but the login needs a credential. Machines send an API key: `Authorization: Bearer
+sck_<key id>_<secret>` or `X-API-Key: sck_<key id>_<secret>` (made with `sc-gateway apikeys create --name N
+--role installer`). People log in with `POST /api/v1/auth/login {username, password}` and send the token
+they get: `Authorization: Bearer sct_...`. Missing or bad credential: 401; a role that may not use the
+route: 403; a device, incident or place outside the caller's scope: 404, as if it did not exist.
 
 Errors are JSON `{"detail": "what is wrong"}`; 422 adds `errors`, one per field.
 """
@@ -73,6 +81,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        svc.readings.close()
         if broker is not None:
             broker.close()
         if own_engine:
@@ -90,7 +99,10 @@ def create_app(
     app.include_router(installers.router)
     app.include_router(commissioning.router)
     app.include_router(places.router)
+    # before incidents: /incidents/stream must not be taken for /incidents/{incident_id}
+    app.include_router(manager.router)
     app.include_router(incidents.router)
+    app.include_router(users.router)
 
     @app.get("/healthz", tags=["meta"], summary="The API is up (no key needed)")
     def healthz() -> dict[str, str]:

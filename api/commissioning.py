@@ -8,10 +8,11 @@ from typing import Annotated, Final
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 
-from api.auth import Installer
+from api.auth import Installer, require_unscoped
 from api.errors import ERROR_RESPONSES
 from api.schemas import CommissioningOut, DeadLetterOut, DeviceProgressOut, UnknownDeviceOut
 from api.services import Services, services
+from gateway.registry import DeviceNotFoundError
 
 router = APIRouter(prefix="/api/v1", tags=["commissioning"], responses=ERROR_RESPONSES)
 Svc = Annotated[Services, Depends(services)]
@@ -76,7 +77,9 @@ def unknown_devices(
     since: Annotated[str | None, Query(description=SINCE_HELP)] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> list[UnknownDeviceOut]:
-    """From the dead letters: each id's topic, type, how many messages were set aside and the last one."""
+    """From the dead letters: each id's topic, type, how many messages were set aside and the last one.
+    Unregistered devices are in no community: for unscoped callers only."""
+    require_unscoped(principal, "the list of unregistered devices")
     found = svc.deadletters.unknown_devices(since=parse_since(since), limit=limit)
     return [UnknownDeviceOut.of(u) for u in found]
 
@@ -90,6 +93,16 @@ def dead_letters(
     since: Annotated[str | None, Query(description=SINCE_HELP)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> list[DeadLetterOut]:
+    """A scoped caller sees the dead letters of one of its devices (`device_id`) only."""
+    if not principal.scope.unrestricted:
+        if device_id is None:
+            require_unscoped(principal, "the dead letters of every device (give device_id)")
+        else:
+            device = svc.registry.get(device_id)
+            if device is None or not principal.scope.allows(
+                district=device.district, street=device.street, community=device.community
+            ):
+                raise DeviceNotFoundError(f"device {device_id!r} is not registered")
     letters = svc.deadletters.recent(
         limit=limit, reason=reason, device_id=device_id, since=parse_since(since)
     )
@@ -102,4 +115,5 @@ def dead_letter_counts(
     svc: Svc,
     since: Annotated[str | None, Query(description=SINCE_HELP)] = None,
 ) -> dict[str, int]:
+    require_unscoped(principal, "the dead-letter count")
     return svc.deadletters.count_by_reason(since=parse_since(since))

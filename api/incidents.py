@@ -4,11 +4,12 @@ history, acknowledging, and the false-alarm counts whoever tunes the rules looks
 | route | roles |
 |---|---|
 | `POST /api/v1/incidents/{id}/reports` | incident_system, admin |
-| `GET /api/v1/incidents`, `GET /api/v1/incidents/{id}` | admin, manager, viewer, incident_system |
+| `GET /api/v1/incidents`, `GET /api/v1/incidents/{id}` | admin, manager, viewer |
 | `POST /api/v1/incidents/{id}/ack` | admin, manager |
-| `GET /api/v1/false-alarms` | admin, installer |
+| `GET /api/v1/false-alarms` | admin, installer (unscoped) |
 
-A key scoped to communities reaches only their incidents.
+A scoped caller reaches only the incidents of its communities, streets or districts (api.auth.Scope);
+another's is a 404, as if it did not exist. The incident system reaches only its back-channel.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Annotated, Any, Final, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.auth import Principal, require_roles
+from api.auth import Principal, require_roles, require_unscoped
 from api.commissioning import SINCE_HELP, parse_since
 from api.errors import ERROR_RESPONSES
 from api.services import Services, services
@@ -29,7 +30,7 @@ from incidents.model import Incident
 router = APIRouter(prefix="/api/v1", tags=["incidents"], responses=ERROR_RESPONSES)
 Svc = Annotated[Services, Depends(services)]
 Reporter = Annotated[Principal, Depends(require_roles("incident_system", "admin"))]
-Reader = Annotated[Principal, Depends(require_roles("admin", "manager", "viewer", "incident_system"))]
+Reader = Annotated[Principal, Depends(require_roles("admin", "manager", "viewer"))]
 Acker = Annotated[Principal, Depends(require_roles("admin", "manager"))]
 Tuner = Annotated[Principal, Depends(require_roles("admin", "installer"))]
 
@@ -100,7 +101,11 @@ class FalseAlarmOut(BaseModel):
 
 def _visible(svc: Services, principal: Principal, incident_id: str) -> Incident:
     incident = svc.incidents.get(incident_id)
-    if incident is None or not principal.scope.allows_community(incident.location.community):
+    if incident is None or not principal.scope.allows(
+        district=incident.location.district,
+        street=incident.location.street,
+        community=incident.location.community,
+    ):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no incident {incident_id}")
     return incident
 
@@ -114,7 +119,7 @@ def report(incident_id: str, body: ReportIn, principal: Reporter, svc: Svc) -> R
     """Recorded in the incident's history with the incident system as the actor. Not echoed back to the
     case system's endpoints (local MQTT subscribers and escalation endpoints are told)."""
     _visible(svc, principal, incident_id)
-    actor = INCIDENT_SYSTEM if principal.role == "incident_system" else f"user:{principal.actor}"
+    actor = INCIDENT_SYSTEM if principal.role == "incident_system" else principal.person_actor
     try:
         incident, new = svc.incidents.report(
             incident_id,
@@ -142,25 +147,39 @@ def list_incidents(
     since: Annotated[str | None, Query(description=f"changed since: {SINCE_HELP}")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
+    until: Annotated[str | None, Query(description=f"changed before: {SINCE_HELP}")] = None,
+    opened_since: Annotated[str | None, Query(description=f"opened since: {SINCE_HELP}")] = None,
+    opened_until: Annotated[str | None, Query(description=f"opened before: {SINCE_HELP}")] = None,
+    grid_code: str | None = None,
+    building: str | None = None,
+    device_type: Annotated[str | None, Query(alias="type", description="device type")] = None,
 ) -> IncidentPageOut:
-    """A key scoped to communities sees only theirs; asking for another community is a 403."""
-    scope = principal.scope.communities
-    if community is not None:
-        if not principal.scope.allows_community(community):
-            raise HTTPException(
-                status.HTTP_403_FORBIDDEN,
-                detail=f"community {community!r} is outside this key's scope ({principal.scope.describe()})",
-            )
-        scope = (community,)
+    """A key scoped to communities sees only theirs; asking for another community is a 403. The time
+    filters bound the last change (since, until) and the opening (opened_since, opened_until); the
+    `until` ones are exclusive."""
+    scope = principal.scope
+    # A scope of communities only knows this one is outside; a street's or district's filters it out.
+    if community is not None and scope.communities_only and not scope.allows_community(community):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            detail=f"community {community!r} is outside this key's scope ({scope.describe()})",
+        )
     found, total = svc.incidents.find(
         status=None if state == "all" else state,
         urgency=urgency,
         rule_id=rule_id,
-        communities=scope,
+        communities=None if community is None else (community,),
+        where=[scope.incidents_where()],
         include_commissioning=commissioning,
         since=parse_since(since),
         limit=limit,
         offset=offset,
+        until=parse_since(until),
+        opened_since=parse_since(opened_since),
+        opened_until=parse_since(opened_until),
+        grid_code=grid_code,
+        building=building,
+        device_type=device_type,
     )
     return IncidentPageOut(total=total, incidents=[i.to_json() for i in found])
 
@@ -188,17 +207,19 @@ def get_incident(incident_id: str, principal: Reader, svc: Svc) -> IncidentDetai
 )
 def acknowledge(incident_id: str, principal: Acker, svc: Svc) -> dict[str, Any]:
     _visible(svc, principal, incident_id)
-    return svc.incidents.acknowledge(incident_id, f"user:{principal.actor}").to_json()
+    return svc.incidents.acknowledge(incident_id, principal.person_actor).to_json()
 
 
 @router.get("/false-alarms", summary="False alarms reported by the incident system, per rule and device")
 def list_false_alarms(
-    _principal: Tuner,
+    principal: Tuner,
     svc: Svc,
     rule_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[FalseAlarmOut]:
-    """The most frequent first: the rules and devices to look at when tuning thresholds."""
+    """The most frequent first: the rules and devices to look at when tuning thresholds. For unscoped
+    callers (the counts span every community)."""
+    require_unscoped(principal, "the false-alarm count")
     return [
         FalseAlarmOut(
             rule_id=c.rule_id,

@@ -67,21 +67,30 @@ _BROKER: Responses = {
 }
 
 
-def check_scope(principal: Principal, community: str | None, what: str) -> None:
-    """403 unless the key's scope reaches `community`."""
-    if not principal.scope.allows_community(community):
+def check_scope(
+    principal: Principal,
+    community: str | None,
+    what: str,
+    *,
+    district: str | None = None,
+    street: str | None = None,
+) -> None:
+    """403 unless the caller's scope reaches the place a device is put in (a write to another place)."""
+    if not principal.scope.allows(district=district, street=street, community=community):
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
-            detail=f"{what} is in community {community!r}, outside this API key's scope "
+            detail=f"{what} is in community {community!r}, outside {principal.whose} scope "
             f"({principal.scope.describe()})",
         )
 
 
 def _device(svc: Services, principal: Principal, device_id: str) -> RegisteredDevice:
+    """The device, or 404 when it is not registered or outside the caller's scope (the same answer)."""
     device = svc.registry.describe(device_id)
-    if device is None:
+    if device is None or not principal.scope.allows(
+        district=device.district, street=device.street, community=device.community
+    ):
         raise DeviceNotFoundError(f"device {device_id!r} is not registered")
-    check_scope(principal, device.community, f"device {device_id!r}")
     return device
 
 
@@ -130,7 +139,13 @@ def create_device(
     `sc/v1/{type}/{id}/...` topics. If the broker cannot issue credentials the answer is 503 and
     nothing is registered."""
     record = _record(svc, body.model_dump())
-    check_scope(principal, record.community, f"device {record.device_id!r}")
+    check_scope(
+        principal,
+        record.community,
+        f"device {record.device_id!r}",
+        district=record.district,
+        street=record.street,
+    )
     device, credentials = svc.installers.register(
         record, actor=principal.actor, issue_credentials=issue_credentials
     )
@@ -280,7 +295,7 @@ async def import_devices(
             f"more than {svc.settings.api_max_import_bytes}: split it",
         )
     parsed = _parse_import(svc, content_type, body)
-    parsed = _within_scope(principal, parsed)
+    parsed = _within_scope(svc, principal, parsed)
     result: ImportResult = await run_in_threadpool(
         svc.installers.import_records,
         parsed,
@@ -336,23 +351,25 @@ def _parse_import(svc: Services, content_type: str, body: bytes) -> ParsedCsv:
     return parse_csv(io.StringIO(text, newline=""), scheme=scheme)
 
 
-def _within_scope(principal: Principal, parsed: ParsedCsv) -> ParsedCsv:
-    if principal.scope.communities is None:
+def _within_scope(svc: Services, principal: Principal, parsed: ParsedCsv) -> ParsedCsv:
+    """Rows that would put a device outside the caller's scope, or change one outside it, are errors."""
+    scope = principal.scope
+    if scope.unrestricted:
         return parsed
+    new = set(svc.registry.absent(record.device_id for _, record in parsed.records))
     records, errors = [], list(parsed.errors)
     for row, record in parsed.records:
-        if principal.scope.allows_community(record.community):
-            records.append((row, record))
+        current = None if record.device_id in new else svc.registry.get(record.device_id)
+        if not scope.allows(district=record.district, street=record.street, community=record.community):
+            error = f"community {record.community!r} is outside {principal.whose} scope ({scope.describe()})"
+        elif current is not None and not scope.allows(
+            district=current.district, street=current.street, community=current.community
+        ):
+            error = f"device id {record.device_id!r} is taken by a device outside {principal.whose} scope"
         else:
-            errors.append(
-                RowResult(
-                    row,
-                    record.device_id,
-                    "error",
-                    f"community {record.community!r} is outside this API key's scope "
-                    f"({principal.scope.describe()})",
-                )
-            )
+            records.append((row, record))
+            continue
+        errors.append(RowResult(row, record.device_id, "error", error))
     return ParsedCsv(tuple(records), tuple(errors))
 
 
@@ -376,10 +393,13 @@ def get_device(device_id: str, principal: Installer, svc: Svc) -> DeviceDetail:
 def update_device(device_id: str, body: DevicePatch, principal: Installer, svc: Svc) -> ChangeOut:
     """Only the fields sent change; null clears a field; `attributes` merges key by key (null removes
     a key). Changing the type is 409: retire the device and register a new id."""
-    _device(svc, principal, device_id)
+    device = _device(svc, principal, device_id)
     changes = body.model_dump(exclude_unset=True)
-    if changes.get("community") is not None:
-        check_scope(principal, changes["community"], "the new community")
+    if {"community", "street", "district"} & set(changes):
+        place = {k: changes.get(k, getattr(device, k)) for k in ("community", "street", "district")}
+        check_scope(
+            principal, place["community"], "the new place", district=place["district"], street=place["street"]
+        )
     with _invalid_body():
         change = svc.installers.update(device_id, changes, actor=principal.actor)
     return ChangeOut.of(change)
@@ -390,7 +410,7 @@ def move_device(device_id: str, body: MoveIn, principal: Installer, svc: Svc) ->
     """The new community and grid code, and optionally district, street, building, address, lat, lon;
     place fields not given are cleared. The device's history keeps where it was."""
     _device(svc, principal, device_id)
-    check_scope(principal, body.community, "the new place")
+    check_scope(principal, body.community, "the new place", district=body.district, street=body.street)
     with _invalid_body():
         change = svc.installers.move(device_id, body.model_dump(), actor=principal.actor)
     return ChangeOut.of(change)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from fastapi import Request
 from sqlalchemy import Engine
 
-from api.auth import ApiKeyStore
+from api.auth import ApiKeyStore, UserStore
+from api.readings import InfluxReader
 from api.settings import ApiSettings
 from gateway.deadletter import DeadLetterStore, DeviceStateStore
 from gateway.incident_store import IncidentStore
@@ -28,6 +29,9 @@ class Services:
     states: DeviceStateStore
     keys: ApiKeyStore
     incidents: IncidentStore
+    users: UserStore
+    #: the managers' readings (InfluxDB); closed with the app
+    readings: InfluxReader
 
     @classmethod
     def make(cls, settings: ApiSettings, engine: Engine, issuer: CredentialIssuer) -> Services:
@@ -46,6 +50,17 @@ class Services:
                 engine,
                 [*settings.incident_endpoints, *([MQTT_ENDPOINT] if settings.incident_mqtt else [])],
                 instance=settings.instance,
+            ),
+            users=UserStore(engine),
+            readings=InfluxReader(
+                settings.influx_url,
+                settings.influx_db,
+                rp=settings.influx_rp,
+                username=settings.influx_username,
+                password=None
+                if settings.influx_password is None
+                else settings.influx_password.get_secret_value(),
+                timeout_s=settings.influx_query_timeout_s,
             ),
         )
 

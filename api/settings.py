@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from gateway.installers import InstallerSettings
@@ -28,3 +28,18 @@ class ApiSettings(InstallerSettings):
         default_factory=list, description="the incident-system endpoints (see `sc-gateway settings`)"
     )
     incident_mqtt: bool = Field(True, description="incident changes are also published on MQTT")
+
+    # where the managers' readings come from: the gateway's InfluxDB (the same SC_INFLUX_* variables)
+    influx_url: str = Field("http://127.0.0.1:8086", description="InfluxDB base URL (v1 /query)")
+    influx_db: str = Field("sc", description="the v1 database the gateway writes to")
+    influx_rp: str | None = Field(None, description="v1 retention policy to read (default: the database's)")
+    influx_username: str | None = Field(None, description="v1 user for reads")
+    influx_password: SecretStr | None = Field(None, description="v1 password for reads")
+    influx_query_timeout_s: float = Field(10.0, gt=0, description="HTTP timeout of one readings query")
+    # the incidents' live stream (GET /api/v1/incidents/stream)
+    api_stream_poll_s: float = Field(
+        0.5, gt=0, le=60, description="how often the stream looks for new incident changes"
+    )
+    api_stream_keepalive_s: float = Field(
+        15.0, gt=0, le=300, description="a keep-alive comment after this long without an event"
+    )

@@ -1080,6 +1080,7 @@ COMMANDS: list[Registrar] = [
     lambda sub: __import__("gateway.deliverycmd", fromlist=["_"]).add_delivery_commands(sub),
     lambda sub: __import__("gateway.incidentcmd", fromlist=["_"]).add_incident_commands(sub),
     lambda sub: __import__("gateway.adaptorcmd", fromlist=["_"]).add_adaptor_commands(sub),
+    lambda sub: __import__("gateway.usercmd", fromlist=["_"]).add_user_commands(sub),
 ]
 
 

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Dialect,
     Engine,
     Float,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -603,4 +604,39 @@ alarm_resolutions = Table(
     Column("requested_at", UTCDateTime, nullable=False),
     Column("done_at", UTCDateTime),
     Index(None, "done_at"),
+)
+
+USERNAME_LEN: Final = 64
+
+# People who log in to the API (property managers, grid members, the command centre, installers, admins).
+# Machines keep using api_keys. `scope` is the same JSON as an API key's; `password_hash` is
+# `scrypt$<n>$<r>$<p>$<salt>$<hash>` (api/auth.py), never the password.
+users = Table(
+    "users",
+    metadata,
+    Column("username", String(USERNAME_LEN), primary_key=True),
+    Column("display_name", String(128), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("scope", JSONDocument, nullable=False, default=dict),
+    Column("password_hash", String(256), nullable=False),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("last_login_at", UTCDateTime),
+    CheckConstraint("role IN ({})".format(", ".join(f"'{x}'" for x in API_ROLES)), name="role"),
+)
+
+# A person's login sessions: the bearer token is 256 random bits, kept only as its SHA-256 (like an API
+# key's secret), with a fixed expiry; logging out, a new password or disabling the user revokes them.
+user_tokens = Table(
+    "user_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("username", String(USERNAME_LEN), ForeignKey("users.username"), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("last_used_at", UTCDateTime),
+    Column("revoked_at", UTCDateTime),
+    Index(None, "username"),
+    Index(None, "expires_at"),
 )

@@ -11,11 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
-from sqlalchemy import Connection, Engine, and_, func, insert, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, and_, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -145,6 +145,46 @@ class FalseAlarmCount:
     count: int
     last_at: dt.datetime
     last_incident_id: str
+
+
+class IncidentResolvedError(ValueError):
+    """The incident is resolved: it cannot be assigned any more."""
+
+    def __init__(self, incident_id: str) -> None:
+        self.incident_id = incident_id
+        super().__init__(f"incident {incident_id} is resolved")
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentChange:
+    """One history row of an incident with the incident as it is now (what a live view shows)."""
+
+    history: HistoryRow
+    incident: Incident
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryScan:
+    """What one `changes_since` read saw: every history id it read (in scope or not, so a reader can tell
+    an id that is not there yet from one that is not for it), and the changes in scope among them."""
+
+    ids: tuple[int, ...]
+    changes: tuple[IncidentChange, ...]
+
+
+#: what incidents can be counted and filtered by, besides their columns: the place and the device type,
+#: read from the incident's JSON (`data`), so no migration is needed for them
+INCIDENT_GROUP_KEYS: Final = ("community", "grid_code", "building", "device_type")
+
+
+def _group_column(key: str) -> ColumnElement[Any]:
+    if key == "community":
+        return incidents.c.community
+    path = ("location", key) if key in ("grid_code", "building") else ("device", "type")
+    if key in INCIDENT_GROUP_KEYS:
+        column: ColumnElement[Any] = incidents.c.data[path].as_string()
+        return column
+    raise ValueError(f"cannot group incidents by {key!r}; one of {', '.join(INCIDENT_GROUP_KEYS)}")
 
 
 def _body(event: dict[str, Any]) -> bytes:
@@ -292,6 +332,59 @@ class IncidentStore:
                 conn, existing, incident, "sc.incident.updated", now, actor, history_type="acknowledged"
             )
             return incident
+
+    def comment(self, incident_id: str, text: str, actor: str, now: dt.datetime | None = None) -> HistoryRow:
+        """A person's note on an incident (open or resolved), kept in its history as `comment` with
+        {"text": ...}. The incident itself does not change (nor its updated_at) and nothing is delivered:
+        comments are the managers' own; the case system keeps its notes in its reports.
+        IncidentNotFoundError."""
+        now = now or _utcnow()
+        with write_transaction(self.engine) as conn:
+            self._locked(conn, incident_id)
+            values: dict[str, Any] = {
+                "incident_id": incident_id,
+                "at": now,
+                "event_type": "comment",
+                "actor": actor,
+                "change": {"text": text},
+            }
+            new_id = conn.execute(insert(incident_history).values(**values)).inserted_primary_key
+            assert new_id is not None
+            return HistoryRow(id=int(new_id[0]), **values)
+
+    def assign(
+        self, incident_id: str, assignee: str | None, actor: str, now: dt.datetime | None = None
+    ) -> tuple[Incident, bool]:
+        """Give an open incident to `assignee` (a person or team; None takes it back). Recorded in the
+        history as `assigned` / `unassigned` and published as `updated` to local subscribers only (the
+        MQTT topic), not to the case system, which dispatches by itself. Assigning does not acknowledge.
+        Returns the incident and whether it changed (the same assignee again changes nothing).
+        IncidentNotFoundError; IncidentResolvedError for a resolved incident."""
+        now = now or _utcnow()
+        with write_transaction(self.engine) as conn:
+            existing = self._locked(conn, incident_id)
+            if not existing.is_open:
+                raise IncidentResolvedError(incident_id)
+            if existing.assigned_to == assignee:
+                return existing, False
+            incident = _copy(
+                existing,
+                assigned_to=assignee,
+                assigned_at=None if assignee is None else now,
+                assigned_by=None if assignee is None else actor,
+                updated_at=now,
+            )
+            self._save(
+                conn,
+                existing,
+                incident,
+                "sc.incident.updated",
+                now,
+                actor,
+                history_type="assigned" if assignee is not None else "unassigned",
+                deliver_to=("local",),
+            )
+            return incident, True
 
     def escalate_due(self, now: dt.datetime | None = None) -> list[Incident]:
         """Escalate every open, unacknowledged incident whose escalation is due: a P1 past its respond-by
@@ -612,10 +705,28 @@ class IncidentStore:
         since: dt.datetime | None = None,
         limit: int = 100,
         offset: int = 0,
+        until: dt.datetime | None = None,
+        opened_since: dt.datetime | None = None,
+        opened_until: dt.datetime | None = None,
+        grid_code: str | None = None,
+        building: str | None = None,
+        device_type: str | None = None,
+        where: Sequence[ColumnElement[bool]] = (),
     ) -> tuple[list[Incident], int]:
         """Incidents (status "open", "resolved" or None for both), the most urgent first, then the newest;
-        `communities` limits them to those (a manager's scope). Returns a page and the total count."""
+        `communities` limits them to those (a manager's scope). `since` / `until` bound the last change
+        (updated_at, until exclusive), `opened_since` / `opened_until` the opening. Returns a page and the
+        total count."""
         conds: list[Any] = []
+        if until is not None:
+            conds.append(incidents.c.updated_at < until)
+        if opened_since is not None:
+            conds.append(incidents.c.opened_at >= opened_since)
+        if opened_until is not None:
+            conds.append(incidents.c.opened_at < opened_until)
+        for key, value in (("grid_code", grid_code), ("building", building), ("device_type", device_type)):
+            if value is not None:
+                conds.append(_group_column(key) == value)
         if status is not None:
             conds.append(incidents.c.status == status)
         if urgency is not None:
@@ -624,6 +735,7 @@ class IncidentStore:
             conds.append(incidents.c.rule_id == rule_id)
         if communities is not None:
             conds.append(incidents.c.community.in_(list(communities)))
+        conds.extend(where)  # more conditions, such as a caller's scope (api.auth.Scope.incidents_where)
         if not include_commissioning:
             conds.append(incidents.c.commissioning.is_(False))
         if since is not None:
@@ -638,6 +750,100 @@ class IncidentStore:
         with self.engine.connect() as conn:
             total = int(conn.execute(select(func.count()).select_from(incidents).where(*conds)).scalar_one())
             return [Incident.model_validate(d) for d in conn.execute(q).scalars()], total
+
+    def open_counts(
+        self,
+        keys: Sequence[str],
+        *,
+        communities: Sequence[str] | None = None,
+        matching: Mapping[str, str] | None = None,
+        where: Sequence[ColumnElement[bool]] = (),
+        include_commissioning: bool = False,
+    ) -> list[tuple[tuple[str | None, ...], str, int]]:
+        """Open incidents counted per value of `keys` (names in INCIDENT_GROUP_KEYS) and urgency:
+        [(key values, urgency, count)]. `communities` limits them (a scope), `matching` narrows by key
+        values ({"community": ..., "grid_code": ...}), `where` adds conditions on `incidents`."""
+        columns = [_group_column(k) for k in keys]
+        conds: list[Any] = [incidents.c.status == "open", *where]
+        if communities is not None:
+            conds.append(incidents.c.community.in_(list(communities)))
+        if not include_commissioning:
+            conds.append(incidents.c.commissioning.is_(False))
+        for key, value in (matching or {}).items():
+            conds.append(_group_column(key) == value)
+        q = (
+            select(*columns, incidents.c.urgency, func.count())
+            .where(*conds)
+            .group_by(*columns, incidents.c.urgency)
+        )
+        with self.engine.connect() as conn:
+            return [(tuple(r[: len(keys)]), str(r[-2]), int(r[-1])) for r in conn.execute(q)]
+
+    def open_per_device(self, device_ids: Sequence[str]) -> dict[str, int]:
+        """How many open incidents each of `device_ids` has (group incidents, which have no device id, are
+        not counted); devices without any are left out."""
+        if not device_ids:
+            return {}
+        device = incidents.c.data[("device", "id")].as_string()
+        q = (
+            select(device, func.count())
+            .where(incidents.c.status == "open", device.in_(list(device_ids)))
+            .group_by(device)
+        )
+        with self.engine.connect() as conn:
+            return {str(d): int(n) for d, n in conn.execute(q)}
+
+    # -- following changes (a live view) -----------------------------------------------------------------
+
+    def last_history_id(self) -> int:
+        """The id of the newest history row (0 when there is none): where a live view starts."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.max(incident_history.c.id))).scalar() or 0)
+
+    def changes_since(
+        self,
+        after: int,
+        *,
+        also: Sequence[int] = (),
+        visible: Callable[[Incident], bool] | None = None,
+        include_commissioning: bool = False,
+        limit: int = 500,
+    ) -> HistoryScan:
+        """History rows with an id above `after` (and those of `also`: ids a reader found missing, which a
+        transaction that took its id earlier may have committed since), oldest first, at most `limit`;
+        the changes among them of incidents `visible` says the reader may see (None: all), each with the
+        incident as it is now. History ids grow with every change, by whichever process makes it, so
+        polling this is how another process follows incidents."""
+        h, i = incident_history, incidents
+        wanted: Any = h.c.id > after
+        if also:
+            wanted = or_(wanted, h.c.id.in_(list(also)))
+        q = (
+            select(h, i.c.data.label("incident"), i.c.commissioning)
+            .select_from(h.outerjoin(i, i.c.incident_id == h.c.incident_id))
+            .where(wanted)
+            .order_by(h.c.id)
+            .limit(limit)
+        )
+        ids, changes = [], []
+        with self.engine.connect() as conn:
+            for r in conn.execute(q):
+                ids.append(int(r.id))
+                if r.incident is None or (r.commissioning and not include_commissioning):
+                    continue
+                incident = Incident.model_validate(r.incident)
+                if visible is not None and not visible(incident):
+                    continue
+                row = HistoryRow(
+                    id=r.id,
+                    incident_id=r.incident_id,
+                    at=r.at,
+                    event_type=r.event_type,
+                    actor=r.actor,
+                    change=r.change,
+                )
+                changes.append(IncidentChange(row, incident))
+        return HistoryScan(tuple(ids), tuple(changes))
 
     # -- the outbox --------------------------------------------------------------------------------------
 

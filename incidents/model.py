@@ -4,7 +4,9 @@ Fields beyond the contract's table (receivers ignore what they do not know):
 `commissioning` (raised while the device was not in service: kept, not delivered), `escalation` (a hint for
 the escalation stage, e.g. smoke → 119 if not acknowledged in 5 min), `dispatch_to` (everyone the routing
 table says must act, the responsible unit first), `members` (the devices of a group incident) and
-`resolution` (`cleared`, or `grouped` when a device alarm was taken into a group incident).
+`resolution` (`cleared`, or `grouped` when a device alarm was taken into a group incident), and
+`assigned_to` / `assigned_at` / `assigned_by` (a property manager gave it to someone: local bookkeeping,
+published on the local MQTT topic only, not sent to the case system, which dispatches by itself).
 """
 
 from __future__ import annotations
@@ -114,6 +116,10 @@ class Incident(_Frozen):
     escalated_at: Time | None = None
     #: reminders sent for a long-open incident
     reminders: int = Field(0, ge=0)
+    #: who a manager gave it to (a person or team, free text), when and by whom (None: nobody)
+    assigned_to: str | None = None
+    assigned_at: Time | None = None
+    assigned_by: str | None = None
 
     _aware = field_validator(
         "opened_at",
@@ -123,6 +129,7 @@ class Incident(_Frozen):
         "resolve_by",
         "acknowledged_at",
         "escalated_at",
+        "assigned_at",
     )(_aware)
 
     @property
