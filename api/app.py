@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy import Engine
 
-from api import commissioning, incidents, installers, manager, places, users
+from api import commissioning, incidents, installers, manager, places, users, webpage
 from api.errors import install_error_handlers
 from api.services import Services
 from api.settings import ApiSettings
@@ -103,6 +103,7 @@ def create_app(
     app.include_router(manager.router)
     app.include_router(incidents.router)
     app.include_router(users.router)
+    app.include_router(webpage.router)  # the managers' web page: / and /app/... (static, no data)
 
     @app.get("/healthz", tags=["meta"], summary="The API is up (no key needed)")
     def healthz() -> dict[str, str]:

@@ -61,6 +61,8 @@ REQUIRED_PACKAGES = [
     *("mosquitto", "mosquitto-clients", "influxdb", "influxdb-client", "postgresql"),
     # To compile the broker's device accounts plugin (mosquitto/plugin/, stack/plugin_build.py).
     *PLUGIN_PACKAGES,
+    "chromium",  # the managers' web page's browser tests (tests/e2e/test_webpage.py, Playwright)
+    "fonts-wqy-microhei",  # a Chinese font, so the headless browser draws the page's labels in screenshots
 ]
 
 LOOPBACK = "127.0.0.1"

@@ -679,6 +679,11 @@ ROUTES: Final[dict[tuple[str, str], RouteSpec]] = {
         no_place("users are people, in no place; admins only"),
     ),
     ("GET", "/healthz"): RouteSpec(ALL, R("GET", "/healthz"), no_place("liveness"), public=True),
+    # -- the managers' web page (api/webpage.py): static files, no data; the page calls the routes above
+    ("GET", "/"): RouteSpec(ALL, R("GET", "/"), no_place("the web page: static, no data"), public=True),
+    ("GET", "/app/{path:path}"): RouteSpec(
+        ALL, R("GET", "/app/app.js"), no_place("the web page's files and views: static, no data"), public=True
+    ),
 }
 
 #: The incident system's one route.
