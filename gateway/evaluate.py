@@ -403,7 +403,7 @@ class RulesRunner:
                 if v.change in ("opened", "cleared", "escalated"):
                     log.info(
                         f"alarm_{v.change}",
-                        extra={"rule": v.rule_id, "key": v.key, "urgency": v.urgency, "message": v.message},
+                        extra={"rule": v.rule_id, "key": v.key, "urgency": v.urgency, "text": v.message},
                     )
         self._write()
 
