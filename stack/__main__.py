@@ -81,6 +81,46 @@ def _installer_key(cli: list[str], env: dict[str, str]) -> str:
     return key
 
 
+def _manager_login(cli: list[str], env: dict[str, str], community: str) -> tuple[str, str]:
+    """A property manager for the simulated community, to log in to the web page: made on the first run,
+    the password kept 0600 in .var/."""
+    import secrets
+
+    username, path = "manager", VAR / "manager.password"
+    if path.exists():
+        return username, path.read_text().strip()
+    password = secrets.token_urlsafe(12)
+    subprocess.run(
+        [
+            *cli,
+            "users",
+            "create",
+            username,
+            "--role",
+            "manager",
+            "--community",
+            community,
+            "--password-stdin",
+        ],
+        env=env,
+        input=password + "\n",
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+    return username, password
+
+
+def _community_of(csv_path: Path) -> str:
+    import csv
+
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        return next(csv.DictReader(f))["community"]
+
+
 def up(args: argparse.Namespace) -> int:
     py = sys.executable
     VAR.mkdir(exist_ok=True)
@@ -154,6 +194,13 @@ def up(args: argparse.Namespace) -> int:
         print("==> starting the API", flush=True)
         api_port = _port(args.api_port)
         api_key = _installer_key(cli, env)
+        login = (
+            ""
+            if args.no_sim
+            else "  log in as {} / {} (also in {})".format(
+                *_manager_login(cli, env, _community_of(csv_path)), VAR / "manager.password"
+            )
+        )
         api_log = open(VAR / "api.log", "ab")  # noqa: SIM115
         procs.append(
             subprocess.Popen(
@@ -210,6 +257,7 @@ Running (all on 127.0.0.1; data under {VAR}):
   InfluxDB   http://127.0.0.1:{influx_port}      database "sc"
   Gateway    metrics http://127.0.0.1:{metrics_port}/metrics   log {VAR / "gateway.log"}
   Simulator  {sim_desc}   log {VAR / "simulator.log"}
+  Web page   http://127.0.0.1:{api_port}/       the property managers' alert board{login}
   API        http://127.0.0.1:{api_port}/docs      log {VAR / "api.log"}
              installer key (also in {VAR / "installer.key"}): {api_key}
 
