@@ -14,7 +14,6 @@ from gateway.deadletter import DeadLetterStore, DeviceStateStore
 from gateway.incident_store import IncidentStore
 from gateway.installers import CredentialIssuer, Installers
 from gateway.registry import Places, Registry, ResponsibleUnits
-from gateway.settings import MQTT_ENDPOINT
 
 
 @dataclass(frozen=True)
@@ -46,11 +45,7 @@ class Services:
             deadletters=DeadLetterStore(engine),
             states=DeviceStateStore(engine),
             keys=ApiKeyStore(engine),
-            incidents=IncidentStore(
-                engine,
-                [*settings.incident_endpoints, *([MQTT_ENDPOINT] if settings.incident_mqtt else [])],
-                instance=settings.instance,
-            ),
+            incidents=IncidentStore.configured(engine, settings),
             users=UserStore(engine),
             readings=InfluxReader(
                 settings.influx_url,

@@ -42,7 +42,7 @@ from gateway.db import make_engine, write_transaction
 from gateway.incident_store import IncidentStore
 from gateway.messages import Reading
 from gateway.registry import RegisteredDevice, Registry
-from gateway.settings import MQTT_ENDPOINT, Settings
+from gateway.settings import Settings
 from incidents.model import DeviceLike
 from rules.engine import Engine, RuleSet
 from rules.loader import DEFAULT_RULES_DIR, RuleLoadError, load_rules, rule_files
@@ -523,14 +523,6 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def incident_store(s: Settings, engine: Any) -> IncidentStore:
-    """The incident store of these settings: the configured endpoints, and the MQTT publication."""
-    targets: list[Any] = list(s.incident_endpoints)
-    if s.incident_mqtt:
-        targets.append(MQTT_ENDPOINT)
-    return IncidentStore(engine, targets, instance=s.instance)
-
-
 def next_item(q: ObservationQueue, urgent: ObservationQueue | None, timeout: float) -> Any:
     """The next batch for the rules process: the urgent lane's first, else the normal queue's; `()` when
     nothing came within `timeout`."""
@@ -555,7 +547,7 @@ def run_rules(
 ) -> None:
     """The rules process's loop, until `None` arrives on the queue."""
     engine = make_engine(s.database_url)
-    incidents = incident_store(s, engine) if s.incidents_enabled else None
+    incidents = IncidentStore.configured(engine, s) if s.incidents_enabled else None
     runner = RulesRunner(s, AlarmStore(engine), incidents=incidents, registry=Registry(engine), wakeup=wakeup)
     runner.restore()
     RULES_COUNT.set(len(runner.engine.rules))

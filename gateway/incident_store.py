@@ -211,6 +211,15 @@ class IncidentStore:
         self.instance = instance
         self.router = router
 
+    @classmethod
+    def configured(cls, engine: Engine, settings: Any) -> IncidentStore:
+        """The store with the endpoints of `settings` (gateway or API settings: SC_INCIDENT_ENDPOINTS,
+        SC_INCIDENT_MQTT, SC_INSTANCE), so every writer of incident changes delivers them alike."""
+        targets: list[Any] = list(settings.incident_endpoints)
+        if settings.incident_mqtt:
+            targets.append(MQTT_ENDPOINT)
+        return cls(engine, targets, instance=settings.instance)
+
     # -- incident changes ------------------------------------------------------------------------------
 
     def apply(

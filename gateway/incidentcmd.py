@@ -11,16 +11,12 @@ from sqlalchemy import Engine
 from gateway.cli import SubParsers, add_command, add_group, format_table, open_engine, print_json
 from gateway.db import REPORT_STATUSES
 from gateway.incident_store import IncidentNotFoundError, IncidentStore
-from gateway.settings import MQTT_ENDPOINT, Settings
+from gateway.settings import Settings
 
 
 def _store(engine: Engine) -> IncidentStore:
     """With the gateway's endpoints (SC_INCIDENT_ENDPOINTS): changes made here are delivered too."""
-    s = Settings()
-    targets: list[object] = list(s.incident_endpoints)
-    if s.incident_mqtt:
-        targets.append(MQTT_ENDPOINT)
-    return IncidentStore(engine, targets, instance=s.instance)
+    return IncidentStore.configured(engine, Settings())
 
 
 def _time(value: object) -> str:
