@@ -31,12 +31,13 @@ from sqlalchemy import Engine
 
 from devices import THING_MODELS
 from devices.samples import example_payload
-from gateway.broker_admin import Credentials
+from gateway.broker_admin import BrokerAdmin, Credentials
 from gateway.db import make_engine, migrate
 from gateway.deadletter import DeadLetterStore, DeviceStateStore
 from gateway.registry import Registry
 from simulators.community import generate_community, write_devices_csv
 from stack.services import InfluxService, MosquittoService, free_port
+from tests.support.broker_client import Client, Connect
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 30.0
@@ -472,3 +473,27 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             for title, text in h.log_tails():
                 report.sections.append((title, text))
     return report  # type: ignore[return-value]
+
+
+# -- broker account tests (tests/support/broker_client.py) --------------------------------------------
+
+
+@pytest.fixture
+def connect(mosquitto: MosquittoService) -> Iterator[Connect]:
+    """connect(account, client_id, broker=session broker) -> Client; every client is closed afterwards."""
+    made: list[Client] = []
+
+    def make(account: Credentials | None, client_id: str, broker: MosquittoService = mosquitto) -> Client:
+        client = Client(broker, account, client_id)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def admin(mosquitto: MosquittoService) -> Iterator[BrokerAdmin]:
+    with mosquitto.admin() as a:
+        yield a

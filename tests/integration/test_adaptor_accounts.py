@@ -11,16 +11,11 @@ assigned in one call, and the `sc-gateway adaptors` commands.
 from __future__ import annotations
 
 import json
-import queue
 import stat
-import threading
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.broker_admin import (
     DEVICE_CONTROL_TOPIC,
@@ -34,105 +29,14 @@ from gateway.broker_admin import (
 )
 from gateway.cli import main
 from stack.services import MosquittoService, start_mosquitto
+from tests.support.broker_client import (
+    ADMINISTRATIVE_ACTION,
+    NOT_AUTHORIZED,
+    Client,
+    Connect,
+)
 
-TIMEOUT_S = 10
-NOT_AUTHORIZED = 0x87  # MQTT 5 reason code in CONNACK, PUBACK and SUBACK
-ADMINISTRATIVE_ACTION = 0x98  # MQTT 5 DISCONNECT reason code
 UPLINK = ("telemetry", "event", "status")
-
-
-class Client:
-    """A paho MQTT 5 client that records the broker's answers; it does not reconnect by itself."""
-
-    def __init__(self, broker: MosquittoService, account: Credentials | None, client_id: str) -> None:
-        self.client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-        )
-        if account is not None:
-            self.client.username_pw_set(account.username, account.password)
-        self.client.reconnect_delay_set(120, 120)
-        self.connack: ReasonCode | None = None
-        self.disconnects: queue.Queue[ReasonCode] = queue.Queue()
-        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-        self._acks: dict[int, ReasonCode] = {}
-        self._cond = threading.Condition()
-        connected = threading.Event()
-
-        def on_connect(_c: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: object) -> None:
-            self.connack = reason
-            connected.set()
-
-        self.client.on_connect = on_connect
-        self.client.on_disconnect = lambda _c, _u, _f, reason, _p: self.disconnects.put(reason)
-        self.client.on_message = lambda _c, _u, message: self.messages.put(message)
-        self.client.on_publish = lambda _c, _u, mid, reason, _p: self._ack(mid, reason)
-        self.client.on_subscribe = lambda _c, _u, mid, reasons, _p: self._ack(mid, reasons[0])
-        self.client.connect(broker.host, broker.port, keepalive=30)
-        self.client.loop_start()
-        assert connected.wait(TIMEOUT_S), f"{client_id}: no CONNACK"
-
-    def _ack(self, mid: int, reason: ReasonCode) -> None:
-        with self._cond:
-            self._acks[mid] = reason
-            self._cond.notify_all()
-
-    def _wait_ack(self, mid: int) -> ReasonCode:
-        with self._cond:
-            assert self._cond.wait_for(lambda: mid in self._acks, TIMEOUT_S), "no answer from the broker"
-            return self._acks[mid]
-
-    @property
-    def accepted(self) -> bool:
-        return self.connack is not None and not self.connack.is_failure
-
-    @property
-    def refused(self) -> bool:
-        return self.connack is not None and self.connack.value == NOT_AUTHORIZED
-
-    def publish(self, topic: str, payload: bytes = b"{}") -> ReasonCode:
-        return self._wait_ack(self.client.publish(topic, payload, qos=1).mid)
-
-    def allowed(self, topic: str, payload: bytes = b"{}") -> bool:
-        """Published and accepted (PUBACK without "not authorized")."""
-        return self.publish(topic, payload).value != NOT_AUTHORIZED
-
-    def subscribe(self, topic: str) -> ReasonCode:
-        _, mid = self.client.subscribe(topic, qos=1)
-        return self._wait_ack(mid)
-
-    def receive(self, timeout: float = TIMEOUT_S) -> mqtt.MQTTMessage:
-        return self.messages.get(timeout=timeout)
-
-    def wait_disconnected(self, timeout: float = TIMEOUT_S) -> ReasonCode:
-        return self.disconnects.get(timeout=timeout)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-Connect = Callable[..., Client]
-
-
-@pytest.fixture
-def connect(mosquitto: MosquittoService) -> Iterator[Connect]:
-    """connect(account, client_id, broker=session broker) -> Client; every client is closed afterwards."""
-    made: list[Client] = []
-
-    def make(account: Credentials | None, client_id: str, broker: MosquittoService = mosquitto) -> Client:
-        client = Client(broker, account, client_id)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.close()
-
-
-@pytest.fixture
-def admin(mosquitto: MosquittoService) -> Iterator[BrokerAdmin]:
-    with mosquitto.admin() as a:
-        yield a
 
 
 def _name(prefix: str = "ad") -> str:

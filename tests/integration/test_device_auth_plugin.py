@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import stat
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.broker_admin import (
     ADMIN_ROLE,
@@ -34,100 +30,14 @@ from gateway.broker_admin import (
     new_password,
 )
 from stack.services import MOSQUITTO_CONF_TEMPLATE, MosquittoService, StackError, start_mosquitto
-
-TIMEOUT_S = 10
-NOT_AUTHORIZED = 0x87  # MQTT 5 reason code in CONNACK, PUBACK and SUBACK
-ADMINISTRATIVE_ACTION = 0x98  # MQTT 5 DISCONNECT reason code
-
-
-class Client:
-    """A paho MQTT 5 client that records the broker's answers; it does not reconnect by itself."""
-
-    def __init__(self, broker: MosquittoService, account: Credentials | None, client_id: str) -> None:
-        self.client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-        )
-        if account is not None:
-            self.client.username_pw_set(account.username, account.password)
-        self.client.reconnect_delay_set(120, 120)
-        self.connack: ReasonCode | None = None
-        self.disconnects: queue.Queue[ReasonCode] = queue.Queue()
-        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-        self._acks: dict[int, ReasonCode] = {}
-        self._cond = threading.Condition()
-        connected = threading.Event()
-
-        def on_connect(_c: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: object) -> None:
-            self.connack = reason
-            connected.set()
-
-        self.client.on_connect = on_connect
-        self.client.on_disconnect = lambda _c, _u, _f, reason, _p: self.disconnects.put(reason)
-        self.client.on_message = lambda _c, _u, message: self.messages.put(message)
-        self.client.on_publish = lambda _c, _u, mid, reason, _p: self._ack(mid, reason)
-        self.client.on_subscribe = lambda _c, _u, mid, reasons, _p: self._ack(mid, reasons[0])
-        self.client.connect(broker.host, broker.port, keepalive=30)
-        self.client.loop_start()
-        assert connected.wait(TIMEOUT_S), f"{client_id}: no CONNACK"
-
-    def _ack(self, mid: int, reason: ReasonCode) -> None:
-        with self._cond:
-            self._acks[mid] = reason
-            self._cond.notify_all()
-
-    def _wait_ack(self, mid: int) -> ReasonCode:
-        with self._cond:
-            assert self._cond.wait_for(lambda: mid in self._acks, TIMEOUT_S), "no answer from the broker"
-            return self._acks[mid]
-
-    @property
-    def accepted(self) -> bool:
-        return self.connack is not None and not self.connack.is_failure
-
-    @property
-    def refused(self) -> bool:
-        return self.connack is not None and self.connack.value == NOT_AUTHORIZED
-
-    def publish(self, topic: str, payload: bytes = b"{}") -> ReasonCode:
-        return self._wait_ack(self.client.publish(topic, payload, qos=1).mid)
-
-    def subscribe(self, topic: str) -> ReasonCode:
-        _, mid = self.client.subscribe(topic, qos=1)
-        return self._wait_ack(mid)
-
-    def receive(self, timeout: float = TIMEOUT_S) -> mqtt.MQTTMessage:
-        return self.messages.get(timeout=timeout)
-
-    def wait_disconnected(self, timeout: float = TIMEOUT_S) -> ReasonCode:
-        return self.disconnects.get(timeout=timeout)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-Connect = Callable[..., Client]
-
-
-@pytest.fixture
-def connect(mosquitto: MosquittoService) -> Iterator[Connect]:
-    """connect(account, client_id, broker=session broker) -> Client; every client is closed afterwards."""
-    made: list[Client] = []
-
-    def make(account: Credentials | None, client_id: str, broker: MosquittoService = mosquitto) -> Client:
-        client = Client(broker, account, client_id)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.close()
-
-
-@pytest.fixture
-def admin(mosquitto: MosquittoService) -> Iterator[BrokerAdmin]:
-    with mosquitto.admin() as a:
-        yield a
+from tests.support.broker_client import (
+    ADMINISTRATIVE_ACTION,
+    NOT_AUTHORIZED,
+    TIMEOUT_S,
+    Client,
+    Connect,
+    nothing_more,
+)
 
 
 def _device(admin: BrokerAdmin, device_type: str = "streetlight") -> tuple[Credentials, str]:
@@ -146,12 +56,6 @@ def wait_for(check: Callable[[], bool], *, what: str, timeout: float = TIMEOUT_S
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-def _nothing_more(client: Client, wait_s: float = 0.5) -> None:
-    with pytest.raises(queue.Empty):
-        message = client.receive(timeout=wait_s)
-        pytest.fail(f"unexpected message on {message.topic}: {message.payload!r}")
 
 
 def _legacy_device(admin: BrokerAdmin, device_id: str, device_type: str) -> str:
@@ -231,7 +135,7 @@ def test_a_device_cannot_publish_for_another_device(
         assert device.publish(f"{base}/{kind}", f'{{"k": "{kind}"}}'.encode()).value != NOT_AUTHORIZED
         message = watcher.receive()
         assert (message.topic, message.payload) == (f"{base}/{kind}", f'{{"k": "{kind}"}}'.encode())
-    _nothing_more(watcher)  # none of the refused messages was delivered
+    nothing_more(watcher)  # none of the refused messages was delivered
 
 
 def test_a_device_subscribes_to_and_receives_only_its_own_commands(
@@ -258,7 +162,7 @@ def test_a_device_subscribes_to_and_receives_only_its_own_commands(
     assert gateway.publish(f"{base}/cmd", b'{"for": "me"}').value != NOT_AUTHORIZED
     message = device.receive()
     assert (message.topic, message.payload) == (f"{base}/cmd", b'{"for": "me"}')
-    _nothing_more(device)
+    nothing_more(device)
 
 
 # ---- the admin's commands -------------------------------------------------------------------------------
