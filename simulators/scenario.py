@@ -1733,6 +1733,11 @@ class Runner:
         started_dt = dt.datetime.fromtimestamp(started, dt.UTC)
         self._register(run)
         player = Player(run, self.publisher, clock=self.clock)
+        # A registry refresh of the gateway before the devices speak: a refresh that fell between the
+        # import and the move to in_service would otherwise have the gateway take their first reports as
+        # of devices not in service, and rules for in-service devices only (absence: "offline") would
+        # never start watching a device that then falls silent.
+        self._idle(player, self.clock() + self.o.registry_refresh_s + 0.3, background=False)
         self._prime(run, player)
         # one more registry refresh of the gateway, so that it sees them in service
         self._idle(player, self.clock() + self.o.registry_refresh_s + 0.3)
@@ -1776,9 +1781,9 @@ class Runner:
             checks=tuple(checks),
         )
 
-    def _idle(self, player: Player, until: float) -> None:
-        """Wait until `until`, the background reporting meanwhile."""
-        bg = player.run.scenario.background
+    def _idle(self, player: Player, until: float, *, background: bool = True) -> None:
+        """Wait until `until`, the background reporting meanwhile (unless `background` is False)."""
+        bg = player.run.scenario.background if background else None
         while True:
             now = self.clock()
             if bg is not None and now - player.last_background >= bg.every_s:
