@@ -237,11 +237,8 @@ class Scope(BaseModel):
 
     def incidents_where(self) -> ColumnElement[bool]:
         """The scope as a condition on `incidents` (street and district from the incident's location)."""
-        data = incidents.c.data
         return self.where(
-            community=incidents.c.community,
-            street=data[("location", "street")].as_string(),
-            district=data[("location", "district")].as_string(),
+            community=incidents.c.community, street=incidents.c.street, district=incidents.c.district
         )
 
     def describe(self) -> str:
@@ -1029,6 +1026,18 @@ def require_unscoped(principal: Principal, what: str) -> None:
             status.HTTP_403_FORBIDDEN,
             detail=f"{what} spans every community: {principal.who} is limited to "
             f"{principal.scope.describe()}",
+        )
+
+
+def check_listing_community(principal: Principal, community: str | None) -> None:
+    """403 when a listing is asked for a community its caller's scope of communities does not hold. A
+    street's or district's scope cannot tell from the name alone (communities are not known to be in a
+    street without their devices): the listing's scope condition leaves such a community's rows out."""
+    scope = principal.scope
+    if community is not None and scope.communities_only and not scope.allows_community(community):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            detail=f"community {community!r} is outside this key's scope ({scope.describe()})",
         )
 
 

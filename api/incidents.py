@@ -20,7 +20,7 @@ from typing import Annotated, Any, Final, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.auth import Principal, require_roles, require_unscoped
+from api.auth import Principal, check_listing_community, require_roles, require_unscoped
 from api.commissioning import SINCE_HELP, parse_since
 from api.errors import ERROR_RESPONSES
 from api.services import Services, services
@@ -158,12 +158,7 @@ def list_incidents(
     filters bound the last change (since, until) and the opening (opened_since, opened_until); the
     `until` ones are exclusive."""
     scope = principal.scope
-    # A scope of communities only knows this one is outside; a street's or district's filters it out.
-    if community is not None and scope.communities_only and not scope.allows_community(community):
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            detail=f"community {community!r} is outside this key's scope ({scope.describe()})",
-        )
+    check_listing_community(principal, community)
     found, total = svc.incidents.find(
         status=None if state == "all" else state,
         urgency=urgency,

@@ -12,7 +12,7 @@ status and last values, a device's readings from InfluxDB, and counts by place a
 Listing, reading and acknowledging incidents are in api/incidents.py (the same roles). A key's scope
 applies everywhere: a single object outside it is a 404 (as if it did not exist), listings and counts
 hold only rows inside it, and asking for a community outside it is a 403. The scope is read in one
-place, `_reaches` / `_communities` below.
+place, `_reaches` / `_listing` below.
 
 Comments are the managers' own notes: kept in the incident's history (`comment`, by the user), shown in
 the live stream, never sent to the case system and not changing the incident. Assignment sets the
@@ -33,17 +33,17 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, status
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Engine, case, func, select
+from sqlalchemy import Engine, and_, case, func, select
 from sqlalchemy.sql import ColumnElement
 
-from api.auth import Principal, require_roles
+from api.auth import Principal, check_listing_community, require_roles
 from api.commissioning import SINCE_HELP, parse_since
 from api.errors import ERROR_RESPONSES
 from api.readings import MAX_POINTS, ReadingsQueryError, ReadingsUnavailableError, reader_fields
 from api.schemas import Lifecycle, payload_value
 from api.services import Services, services
 from devices import THING_MODELS
-from gateway.db import device_state, devices
+from gateway.db import device_state, devices, incidents
 from gateway.incident_store import (
     IncidentChange,
     IncidentNotFoundError,
@@ -76,18 +76,19 @@ def _reaches(principal: Principal, place: Location | None) -> bool:
     return principal.scope.allows(district=place.district, street=place.street, community=place.community)
 
 
-def _communities(principal: Principal, community: str | None = None) -> tuple[str, ...] | None:
-    """The communities a listing may show: the key's (None: all), or only `community` when the caller
-    asks for one; 403 when that one is outside the key's scope."""
-    if community is None:
-        scope = principal.scope.communities
-        return None if scope is None else tuple(scope)
-    if not principal.scope.allows_community(community):
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            detail=f"community {community!r} is outside this key's scope ({principal.scope.describe()})",
-        )
-    return (community,)
+def _listing(principal: Principal, community: str | None = None) -> ColumnElement[bool]:
+    """What a listing of devices may hold, as a condition on `devices`: the key's scope (communities,
+    streets or districts), narrowed to `community` when the caller asks for one; 403 when a scope of
+    communities does not hold that one. `_incidents_listing` is the same on `incidents`."""
+    check_listing_community(principal, community)
+    cond = principal.scope.devices_where()
+    return cond if community is None else and_(cond, devices.c.community == community)
+
+
+def _incidents_listing(principal: Principal, community: str | None = None) -> ColumnElement[bool]:
+    check_listing_community(principal, community)
+    cond = principal.scope.incidents_where()
+    return cond if community is None else and_(cond, incidents.c.community == community)
 
 
 def _actor(principal: Principal) -> str:
@@ -296,12 +297,12 @@ async def incident_stream(
             raise HTTPException(
                 422, detail=f"Last-Event-ID: {last_event_id!r} is not an event id of this stream"
             ) from None
-    # the scope itself is checked per incident (`_reaches`); `only` is the community asked for, if any
-    only = None if community is None else _communities(principal, community)
+    # the scope itself is checked per incident (`_reaches`), then the community asked for, if any
+    check_listing_community(principal, community)
 
     def visible(incident: Incident) -> bool:
         place = incident.location
-        return _reaches(principal, place) and (only is None or place.community in only)
+        return _reaches(principal, place) and (community is None or place.community == community)
 
     store = svc.incidents
     if start is None:
@@ -378,7 +379,7 @@ _WITH_STATE: Final = devices.outerjoin(device_state, device_state.c.device_id ==
 
 
 def _device_filters(
-    communities: Sequence[str] | None,
+    scope: ColumnElement[bool],
     *,
     grid_code: str | None = None,
     building: str | None = None,
@@ -387,9 +388,7 @@ def _device_filters(
     online: bool | None = None,
 ) -> list[ColumnElement[bool]]:
     """Retired devices only when asked for by lifecycle; `online` false means not known to be online."""
-    out: list[ColumnElement[bool]] = []
-    if communities is not None:
-        out.append(devices.c.community.in_(list(communities)))
+    out: list[ColumnElement[bool]] = [scope]
     for column, value in (
         (devices.c.grid_code, grid_code),
         (devices.c.building, building),
@@ -448,7 +447,7 @@ def device_status(
     """By device id. `last_values` come from the last message the gateway kept (for a chart over time,
     `GET /devices/{id}/readings`)."""
     where = _device_filters(
-        _communities(principal, community),
+        _listing(principal, community),
         grid_code=grid_code,
         building=building,
         device_type=device_type,
@@ -649,8 +648,9 @@ def overview(
     open incidents per urgency (commissioning noise left out), all within the key's scope. `community`
     and `grid_code` narrow it (e.g. by=building within one community)."""
     keys = GROUP_KEYS[by]
-    communities = _communities(principal, community)
-    where = {k: v for k, v in (("community", community), ("grid_code", grid_code)) if v is not None}
+    in_scope = _listing(principal, community)
+    incidents_in_scope = _incidents_listing(principal, community)
+    where = {k: v for k, v in (("grid_code", grid_code),) if v is not None}
     rows: dict[tuple[str | None, ...], OverviewRowOut] = {}
     totals = OverviewRowOut(key={})
 
@@ -665,9 +665,7 @@ def overview(
         (device_state.c.online.is_(False), "offline"),
         else_="unknown",
     )
-    conds = [_DEVICE_KEY_COLUMNS[k] == v for k, v in where.items()]
-    if communities is not None:
-        conds.append(devices.c.community.in_(list(communities)))
+    conds = [in_scope, *(_DEVICE_KEY_COLUMNS[k] == v for k, v in where.items())]
     q = (
         select(*key_columns, devices.c.lifecycle, state, func.count())
         .select_from(_WITH_STATE)
@@ -682,7 +680,7 @@ def overview(
             target.by_lifecycle.setdefault(lifecycle, OnlineCountsOut()).add(online, n)
             if lifecycle != "retired":
                 target.add(online, n)
-    for key, urgency, n in svc.incidents.open_counts(keys, communities=communities, matching=where):
+    for key, urgency, n in svc.incidents.open_counts(keys, matching=where, where=[incidents_in_scope]):
         row(key).incidents.add(urgency, n)
         totals.incidents.add(urgency, n)
     ordered = [rows[k] for k in sorted(rows, key=_sort_key)]

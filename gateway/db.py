@@ -481,6 +481,14 @@ incidents = Table(
     Column("commissioning", Boolean, nullable=False),
     # the device's community (data.location.community), for a manager's scope (migration 0006)
     Column("community", String(128)),
+    # the rest of its place and its device, for scopes, filters and counts (migration 0008): copies of
+    # data.location.* and data.device.* (device_id is null for an incident on a group of devices)
+    Column("district", String(128)),
+    Column("street", String(128)),
+    Column("grid_code", String(GRID_CODE_LEN)),
+    Column("building", String(128)),
+    Column("device_id", String(DEVICE_ID_LEN)),
+    Column("device_type", String(DEVICE_TYPE_LEN)),
     Column("data", JSONDocument, nullable=False),
     Column("opened_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
@@ -497,6 +505,12 @@ incidents = Table(
     Index(None, "status", "urgency"),
     Index(None, "opened_at"),
     Index(None, "community", "status"),
+    Index(None, "district", "status"),
+    Index(None, "street", "status"),
+    Index(None, "grid_code", "status"),
+    Index(None, "building", "status"),
+    Index(None, "device_id", "status"),
+    Index(None, "device_type", "status"),
 )
 
 # Append-only history of every incident change and who made it: `rule:<id>`, `device:<id>`, `user:<...>`

@@ -178,11 +178,8 @@ INCIDENT_GROUP_KEYS: Final = ("community", "grid_code", "building", "device_type
 
 
 def _group_column(key: str) -> ColumnElement[Any]:
-    if key == "community":
-        return incidents.c.community
-    path = ("location", key) if key in ("grid_code", "building") else ("device", "type")
     if key in INCIDENT_GROUP_KEYS:
-        column: ColumnElement[Any] = incidents.c.data[path].as_string()
+        column: ColumnElement[Any] = incidents.c[key]
         return column
     raise ValueError(f"cannot group incidents by {key!r}; one of {', '.join(INCIDENT_GROUP_KEYS)}")
 
@@ -295,6 +292,12 @@ class IncidentStore:
             "urgency": incident.urgency,
             "commissioning": incident.commissioning,
             "community": incident.location.community,
+            "district": incident.location.district,
+            "street": incident.location.street,
+            "grid_code": incident.location.grid_code,
+            "building": incident.location.building,
+            "device_id": incident.device.id,
+            "device_type": incident.device.type,
             "data": incident.to_json(),
             "opened_at": incident.opened_at,
             "updated_at": incident.updated_at,
@@ -793,7 +796,7 @@ class IncidentStore:
         not counted); devices without any are left out."""
         if not device_ids:
             return {}
-        device = incidents.c.data[("device", "id")].as_string()
+        device = incidents.c.device_id
         q = (
             select(device, func.count())
             .where(incidents.c.status == "open", device.in_(list(device_ids)))

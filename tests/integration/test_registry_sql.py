@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, event, text
 
 from gateway.db import current_revision, head_revision, make_engine, metadata, migrate, require_current_schema
 from gateway.deadletter import DeadLetter, DeadLetterStore, DeviceStateStore, OnlineCounts, StatusUpdate
+from gateway.incident_store import IncidentStore
 from gateway.registry import (
     DEVICE_TYPES,
     DeviceExistsError,
@@ -108,6 +110,60 @@ def test_migrate_twice_is_a_no_op_and_the_schema_matches_the_tables(db_url: str)
                 compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
                 == []
             )
+    finally:
+        engine.dispose()
+
+
+def test_migration_0008_fills_the_incident_place_columns_from_the_json(db_url: str) -> None:
+    """Incidents opened before 0008 get their district, street, grid, building and device columns from
+    their JSON, so filters, counts and street/district scopes find them after the upgrade."""
+    migrate(db_url, revision="0007_users")
+    engine = make_engine(db_url)
+    try:
+        table = sa.table(
+            "incidents",
+            *(sa.column(c) for c in ("incident_id", "dedup_key", "rule_id", "status", "urgency")),
+            sa.column("commissioning", sa.Boolean()),
+            sa.column("community"),
+            sa.column("data", sa.JSON()),
+            sa.column("opened_at", sa.DateTime(timezone=True)),
+            sa.column("updated_at", sa.DateTime(timezone=True)),
+        )
+        place = {"district": "东城区", "street": "东华门街道", "community": "东华门社区"}
+        rows = [
+            ("INC-20261121-000001", {"id": "mc-1", "type": "manhole_cover"}, {**place, "grid_code": "g1"}),
+            ("INC-20261121-000002", {"id": None, "type": "streetlight"}, {**place, "building": "3号楼"}),
+        ]
+        with engine.begin() as conn:
+            for incident_id, device, location in rows:
+                conn.execute(
+                    sa.insert(table).values(
+                        incident_id=incident_id,
+                        dedup_key=incident_id,
+                        rule_id="r",
+                        status="open",
+                        urgency="P2",
+                        commissioning=False,
+                        community=place["community"],
+                        data={"incident_id": incident_id, "device": device, "location": location},
+                        opened_at=T0,
+                        updated_at=T0,
+                    )
+                )
+        migrate(db_url)
+        with engine.connect() as conn:
+            got = conn.execute(
+                text(
+                    "SELECT incident_id, district, street, grid_code, building, device_id, device_type "
+                    "FROM incidents ORDER BY incident_id"
+                )
+            ).all()
+        assert [tuple(r) for r in got] == [
+            ("INC-20261121-000001", "东城区", "东华门街道", "g1", None, "mc-1", "manhole_cover"),
+            ("INC-20261121-000002", "东城区", "东华门街道", None, "3号楼", None, "streetlight"),
+        ]
+        counts = IncidentStore(engine, []).open_counts(["device_type"])
+        assert sorted(counts) == [(("manhole_cover",), "P2", 1), (("streetlight",), "P2", 1)]
     finally:
         engine.dispose()
 

@@ -244,7 +244,7 @@ def listing_stays_inside(request: Request, *, shows_inside: str | None = None) -
             assert r.status_code == 200, (caller, r.text)
             leaked = [m for m in OUTSIDE_MARKERS if m in r.text]
             assert not leaked, (caller, leaked, r.text[:500])
-            if shows_inside is not None and CALLERS[caller][1].communities:
+            if shows_inside is not None:  # every scoped caller: a street's or district's too
                 assert shows_inside in r.text, (caller, r.text[:500])
 
     return check
@@ -775,6 +775,21 @@ def test_a_street_or_district_viewer_sees_the_incidents_of_their_place(world: Wo
         assert listed["total"] == 1
         inside = world.call(caller, R("GET", f"/api/v1/incidents?community={INSIDE['community']}")).json()
         assert inside["total"] == 1
+
+
+def test_a_street_or_district_viewer_sees_the_devices_and_counts_of_their_place(world: World) -> None:
+    for caller in ("viewer@street", "viewer@district"):
+        for query in ("", f"?community={INSIDE['community']}"):
+            status = world.call(caller, R("GET", f"/api/v1/device-status{query}")).json()
+            assert [d["device_id"] for d in status["items"]] == ["in-1"], (caller, query)
+            assert status["total"] == 1
+            counts = world.call(caller, R("GET", f"/api/v1/overview{query}")).json()
+            assert [r["key"] for r in counts["rows"]] == [{"community": INSIDE["community"]}], caller
+            assert counts["totals"]["incidents"]["open"] == 1, (caller, counts)
+            assert counts["totals"]["devices"]["total"] == 1, (caller, counts)
+        # the live stream takes the community filter of a place inside the street (not a 403)
+        stream = R("GET", f"/api/v1/incidents/stream?community={INSIDE['community']}")
+        assert world.status_only(caller, stream) == 200, caller
 
 
 def test_nothing_outside_changed(world: World) -> None:

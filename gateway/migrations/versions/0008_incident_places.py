@@ -1,0 +1,74 @@
+"""Incidents get the columns managers and viewers filter and count on, beside `community` (0006):
+district, street, grid code, building (the device's place), device id and device type, each indexed
+with the status, filled in from the incidents' JSON. A street or district viewer's scope and the
+board's grid/building/type filters become index lookups instead of reading every incident's JSON.
+
+Revision ID: 0008_incident_places
+Revises: 0007_users
+Create Date: 2026-11-21
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0008_incident_places"
+down_revision: str | Sequence[str] | None = "0007_users"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+# (column, its type, where it is in the incident's JSON)
+_COLUMNS: tuple[tuple[str, sa.types.TypeEngine[Any], tuple[str, str]], ...] = (
+    ("district", sa.String(128), ("location", "district")),
+    ("street", sa.String(128), ("location", "street")),
+    ("grid_code", sa.String(15), ("location", "grid_code")),
+    ("building", sa.String(128), ("location", "building")),
+    ("device_id", sa.String(64), ("device", "id")),
+    ("device_type", sa.String(32), ("device", "type")),
+)
+_BATCH = 1000
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("incidents") as batch:
+        for name, type_, _ in _COLUMNS:
+            batch.add_column(sa.Column(name, type_))
+    for name, _, _ in _COLUMNS:
+        op.create_index(op.f(f"ix_incidents_{name}_status"), "incidents", [name, "status"])
+    # Fill the columns from each incident's JSON, in Python so that SQLite and PostgreSQL read it alike.
+    bind = op.get_bind()
+    table = sa.table(
+        "incidents",
+        sa.column("incident_id", sa.String(32)),
+        sa.column("data", sa.JSON()),
+        *(sa.column(name, type_) for name, type_, _ in _COLUMNS),
+    )
+    last = ""
+    while True:
+        rows = bind.execute(
+            sa.select(table.c.incident_id, table.c.data)
+            .where(table.c.incident_id > last)
+            .order_by(table.c.incident_id)
+            .limit(_BATCH)
+        ).all()
+        if not rows:
+            break
+        for incident_id, data in rows:
+            doc = data if isinstance(data, dict) else {}
+            values = {}
+            for name, _, (part, key) in _COLUMNS:
+                section = doc.get(part)
+                value = section.get(key) if isinstance(section, dict) else None
+                values[name] = None if value is None else str(value)
+            bind.execute(sa.update(table).where(table.c.incident_id == incident_id).values(**values))
+        last = rows[-1][0]
+
+
+def downgrade() -> None:
+    for name, _, _ in reversed(_COLUMNS):
+        op.drop_index(op.f(f"ix_incidents_{name}_status"), table_name="incidents")
+    with op.batch_alter_table("incidents") as batch:
+        for name, _, _ in reversed(_COLUMNS):
+            batch.drop_column(name)
