@@ -22,8 +22,11 @@ _UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 SINCE_HELP: Final = "30m, 24h, 7d, 2w ago, or an ISO 8601 time (UTC if it names no offset)"
 
 
-def parse_since(text: str | None, *, now: dt.datetime | None = None) -> dt.datetime | None:
-    """A `since` query parameter as a time; 422 naming the parameter if it is neither form."""
+def parse_since(
+    text: str | None, *, now: dt.datetime | None = None, name: str = "since"
+) -> dt.datetime | None:
+    """A `since` query parameter (or another of that form, `name`) as a time; 422 naming the parameter
+    if it is neither form."""
     if text is None or not text.strip():
         return None
     m = _DURATION_RE.fullmatch(text.strip())
@@ -35,7 +38,7 @@ def parse_since(text: str | None, *, now: dt.datetime | None = None) -> dt.datet
     except ValueError:
         raise HTTPException(
             422,
-            detail=f"since: {text!r} is neither a duration (30m, 24h, 7d) nor an ISO 8601 time",
+            detail=f"{name}: {text!r} is neither a duration (30m, 24h, 7d) nor an ISO 8601 time",
         ) from None
     return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
 

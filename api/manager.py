@@ -551,7 +551,7 @@ def device_readings(
     chosen = [model.fields_by_name[n] for n in dict.fromkeys(names)] or list(model.telemetry)
     now = dt.datetime.now(dt.UTC)
     start = parse_since(since, now=now)
-    end = parse_since(until, now=now) or now
+    end = parse_since(until, now=now, name="until") or now
     assert start is not None
     try:
         series = svc.readings.downsampled(model.type, device_id, reader_fields(chosen), start, end, points)
@@ -611,13 +611,26 @@ class DeviceCountsOut(OnlineCountsOut):
     by_lifecycle: dict[str, OnlineCountsOut] = Field(default_factory=dict)
 
 
+INCIDENT_COUNT_STATES: Final = ("unacknowledged", "acknowledged", "resolved")
+
+
 class IncidentCountsOut(BaseModel):
-    open: int = 0
-    by_urgency: dict[str, int] = Field(default_factory=lambda: dict.fromkeys(URGENCIES, 0))
+    open: int = Field(0, description="open incidents")
+    by_urgency: dict[str, int] = Field(
+        default_factory=lambda: dict.fromkeys(URGENCIES, 0), description="open incidents per urgency"
+    )
+    by_status: dict[str, int] = Field(
+        default_factory=lambda: dict.fromkeys(INCIDENT_COUNT_STATES, 0),
+        description="open ones not yet acknowledged, open ones acknowledged, and those resolved since "
+        "`resolved_since`",
+    )
 
     def add(self, urgency: str, n: int) -> None:
         self.open += n
         self.by_urgency[urgency] = self.by_urgency.get(urgency, 0) + n
+
+    def add_status(self, state: str, n: int) -> None:
+        self.by_status[state] = self.by_status.get(state, 0) + n
 
 
 class OverviewRowOut(BaseModel):
@@ -643,10 +656,17 @@ def overview(
     by: Grouping = "community",
     community: str | None = None,
     grid_code: str | None = None,
+    resolved_since: Annotated[
+        str, Query(description=f"count incidents resolved since: {SINCE_HELP}")
+    ] = "24h",
 ) -> OverviewOut:
-    """Per group: devices (not retired) online / offline / no status yet, the same per lifecycle, and
-    open incidents per urgency (commissioning noise left out), all within the key's scope. `community`
-    and `grid_code` narrow it (e.g. by=building within one community)."""
+    """Per group: devices (not retired) online / offline / no status yet, the same per lifecycle, open
+    incidents per urgency, and incidents by status (open unacknowledged, open acknowledged, resolved
+    since `resolved_since`, default the last 24 h), commissioning noise left out, all within the key's
+    scope. `community` and `grid_code` narrow it (e.g. by=building within one community)."""
+    resolved_from = parse_since(resolved_since, name="resolved_since")
+    if resolved_from is None:
+        raise HTTPException(422, detail="resolved_since: give a duration (24h) or a time")
     keys = GROUP_KEYS[by]
     in_scope = _listing(principal, community)
     incidents_in_scope = _incidents_listing(principal, community)
@@ -683,5 +703,10 @@ def overview(
     for key, urgency, n in svc.incidents.open_counts(keys, matching=where, where=[incidents_in_scope]):
         row(key).incidents.add(urgency, n)
         totals.incidents.add(urgency, n)
+    for key, state_name, n in svc.incidents.status_counts(
+        keys, resolved_since=resolved_from, matching=where, where=[incidents_in_scope]
+    ):
+        row(key).incidents.add_status(state_name, n)
+        totals.incidents.add_status(state_name, n)
     ordered = [rows[k] for k in sorted(rows, key=_sort_key)]
     return OverviewOut(by=by, rows=ordered, totals=totals)

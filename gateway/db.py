@@ -489,6 +489,8 @@ incidents = Table(
     Column("building", String(128)),
     Column("device_id", String(DEVICE_ID_LEN)),
     Column("device_type", String(DEVICE_TYPE_LEN)),
+    # when it was first acknowledged (data.acknowledged_at), for counts by status (migration 0008)
+    Column("acknowledged_at", UTCDateTime),
     Column("data", JSONDocument, nullable=False),
     Column("opened_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from sqlalchemy import ColumnElement, Connection, Engine, and_, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, and_, case, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -298,6 +298,7 @@ class IncidentStore:
             "building": incident.location.building,
             "device_id": incident.device.id,
             "device_type": incident.device.type,
+            "acknowledged_at": incident.acknowledged_at,
             "data": incident.to_json(),
             "opened_at": incident.opened_at,
             "updated_at": incident.updated_at,
@@ -788,6 +789,35 @@ class IncidentStore:
             .where(*conds)
             .group_by(*columns, incidents.c.urgency)
         )
+        with self.engine.connect() as conn:
+            return [(tuple(r[: len(keys)]), str(r[-2]), int(r[-1])) for r in conn.execute(q)]
+
+    def status_counts(
+        self,
+        keys: Sequence[str],
+        *,
+        resolved_since: dt.datetime,
+        matching: Mapping[str, str] | None = None,
+        where: Sequence[ColumnElement[bool]] = (),
+        include_commissioning: bool = False,
+    ) -> list[tuple[tuple[str | None, ...], str, int]]:
+        """Incidents counted per value of `keys` and status: "unacknowledged" and "acknowledged" (open
+        ones), "resolved" (resolved since `resolved_since`): [(key values, status, count)]."""
+        columns = [_group_column(k) for k in keys]
+        state = case(
+            (incidents.c.status == "resolved", "resolved"),
+            (incidents.c.acknowledged_at.is_not(None), "acknowledged"),
+            else_="unacknowledged",
+        )
+        conds: list[Any] = [
+            or_(incidents.c.status == "open", incidents.c.resolved_at >= resolved_since),
+            *where,
+        ]
+        if not include_commissioning:
+            conds.append(incidents.c.commissioning.is_(False))
+        for key, value in (matching or {}).items():
+            conds.append(_group_column(key) == value)
+        q = select(*columns, state, func.count()).where(*conds).group_by(*columns, state)
         with self.engine.connect() as conn:
             return [(tuple(r[: len(keys)]), str(r[-2]), int(r[-1])) for r in conn.execute(q)]
 

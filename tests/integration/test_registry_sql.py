@@ -145,7 +145,12 @@ def test_migration_0008_fills_the_incident_place_columns_from_the_json(db_url: s
                         urgency="P2",
                         commissioning=False,
                         community=place["community"],
-                        data={"incident_id": incident_id, "device": device, "location": location},
+                        data={
+                            "incident_id": incident_id,
+                            "device": device,
+                            "location": location,
+                            "acknowledged_at": "2026-11-21T08:05:00Z" if device["id"] else None,
+                        },
                         opened_at=T0,
                         updated_at=T0,
                     )
@@ -162,8 +167,14 @@ def test_migration_0008_fills_the_incident_place_columns_from_the_json(db_url: s
             ("INC-20261121-000001", "东城区", "东华门街道", "g1", None, "mc-1", "manhole_cover"),
             ("INC-20261121-000002", "东城区", "东华门街道", None, "3号楼", None, "streetlight"),
         ]
-        counts = IncidentStore(engine, []).open_counts(["device_type"])
+        store = IncidentStore(engine, [])
+        counts = store.open_counts(["device_type"])
         assert sorted(counts) == [(("manhole_cover",), "P2", 1), (("streetlight",), "P2", 1)]
+        states = store.status_counts(["device_type"], resolved_since=T0)
+        assert sorted(states) == [
+            (("manhole_cover",), "acknowledged", 1),
+            (("streetlight",), "unacknowledged", 1),
+        ]
     finally:
         engine.dispose()
 

@@ -461,7 +461,8 @@ def test_overview_counts_devices_and_open_incidents_per_group_in_scope(
     assert a["devices"]["unknown"] == 2
     assert a["devices"]["by_lifecycle"]["retired"] == {"total": 1, "online": 0, "offline": 0, "unknown": 1}
     assert a["devices"]["by_lifecycle"]["in_service"]["online"] == 1
-    assert a["incidents"] == {"open": 2, "by_urgency": {"P1": 1, "P2": 0, "P3": 1, "P4": 0}}
+    assert a["incidents"]["open"] == 2
+    assert a["incidents"]["by_urgency"] == {"P1": 1, "P2": 0, "P3": 1, "P4": 0}
     assert everything["totals"]["incidents"]["open"] == 3 and everything["totals"]["devices"]["total"] == 5
 
     h = auth(engine, "manager", A)
@@ -485,6 +486,38 @@ def test_overview_counts_devices_and_open_incidents_per_group_in_scope(
     assert [r["key"] for r in grids["rows"]] == [{"community": A, "grid_code": GRID_A2}]
     assert client.get(f"/api/v1/overview?community={B}", headers=h).status_code == 403
     assert client.get("/api/v1/overview?by=street", headers=h).status_code == 422
+
+
+def test_overview_counts_incidents_by_status(
+    engine: Engine, client: TestClient, place: dict[str, RegisteredDevice]
+) -> None:
+    """Open ones split into acknowledged or not; resolved ones counted since `resolved_since`."""
+    acked = raise_incident(engine, place["mc-001"], 0, "P1")
+    raise_incident(engine, place["sl-001"], 1, "P3", "streetlight.leakage")
+    raise_incident(engine, place["mc-005"], 2, "P2")
+    raise_incident(engine, place["mc-009"], 3, "P2")  # community B
+    h = auth(engine, "manager", A)
+    assert client.post(f"/api/v1/incidents/{acked}/ack", headers=h).status_code == 200
+    store = IncidentStore(engine, ["city", "mqtt"])
+    cleared = replace(verdict("cleared", device_id="mc-005", tilt=1.0), community=A)
+    assert store.apply(cleared, place["mc-005"], at(30)) is not None
+
+    def by_status(**params: str) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        r = client.get("/api/v1/overview", params={"by": "grid", **params}, headers=h)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        return body["totals"]["incidents"]["by_status"], {
+            row["key"]["grid_code"]: row["incidents"]["by_status"] for row in body["rows"]
+        }
+
+    totals, grids = by_status(resolved_since=at(10).isoformat())
+    assert totals == {"unacknowledged": 1, "acknowledged": 1, "resolved": 1}
+    assert grids[GRID_A1] == {"unacknowledged": 0, "acknowledged": 1, "resolved": 1}
+    assert grids[GRID_A2] == {"unacknowledged": 1, "acknowledged": 0, "resolved": 0}
+    totals, _ = by_status(resolved_since=at(31).isoformat())  # resolved before that: not counted
+    assert totals == {"unacknowledged": 1, "acknowledged": 1, "resolved": 0}
+    bad = client.get("/api/v1/overview?resolved_since=yesterday-ish", headers=h)
+    assert bad.status_code == 422 and "resolved_since" in bad.text
 
 
 # -- readings: what is answered before InfluxDB is asked, and when it cannot answer -----------------------

@@ -1,13 +1,15 @@
 """Incidents get the columns managers and viewers filter and count on, beside `community` (0006):
 district, street, grid code, building (the device's place), device id and device type, each indexed
-with the status, filled in from the incidents' JSON. A street or district viewer's scope and the
-board's grid/building/type filters become index lookups instead of reading every incident's JSON.
+with the status, and when it was first acknowledged, filled in from the incidents' JSON. A street or
+district viewer's scope and the board's grid/building/type filters become index lookups instead of
+reading every incident's JSON; counts by status need no JSON either.
 
 Revision ID: 0008_incident_places
 Revises: 0007_users
 Create Date: 2026-11-21
 """
 
+import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +37,7 @@ def upgrade() -> None:
     with op.batch_alter_table("incidents") as batch:
         for name, type_, _ in _COLUMNS:
             batch.add_column(sa.Column(name, type_))
+        batch.add_column(sa.Column("acknowledged_at", sa.DateTime(timezone=True)))
     for name, _, _ in _COLUMNS:
         op.create_index(op.f(f"ix_incidents_{name}_status"), "incidents", [name, "status"])
     # Fill the columns from each incident's JSON, in Python so that SQLite and PostgreSQL read it alike.
@@ -44,6 +47,7 @@ def upgrade() -> None:
         sa.column("incident_id", sa.String(32)),
         sa.column("data", sa.JSON()),
         *(sa.column(name, type_) for name, type_, _ in _COLUMNS),
+        sa.column("acknowledged_at", sa.DateTime(timezone=True)),
     )
     last = ""
     while True:
@@ -57,18 +61,32 @@ def upgrade() -> None:
             break
         for incident_id, data in rows:
             doc = data if isinstance(data, dict) else {}
-            values = {}
+            values: dict[str, object] = {}
             for name, _, (part, key) in _COLUMNS:
                 section = doc.get(part)
                 value = section.get(key) if isinstance(section, dict) else None
                 values[name] = None if value is None else str(value)
+            acked = doc.get("acknowledged_at")
+            when = _utc(acked) if isinstance(acked, str) else None
+            # stored as gateway.db.UTCDateTime stores it: naive UTC on SQLite
+            sqlite = bind.dialect.name == "sqlite"
+            values["acknowledged_at"] = when.replace(tzinfo=None) if when and sqlite else when
             bind.execute(sa.update(table).where(table.c.incident_id == incident_id).values(**values))
         last = rows[-1][0]
+
+
+def _utc(text: str) -> dt.datetime | None:
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
 
 
 def downgrade() -> None:
     for name, _, _ in reversed(_COLUMNS):
         op.drop_index(op.f(f"ix_incidents_{name}_status"), table_name="incidents")
     with op.batch_alter_table("incidents") as batch:
+        batch.drop_column("acknowledged_at")
         for name, _, _ in reversed(_COLUMNS):
             batch.drop_column(name)
