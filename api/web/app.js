@@ -45,7 +45,8 @@
       "fact.unit": "责任单位", "fact.open": "未解除告警",
       "overview.title": "统计", "overview.by": "分组", "overview.community": "社区", "overview.grid": "网格",
       "overview.group": "分组", "overview.devices": "设备", "overview.open": "未解除告警",
-      "overview.total": "合计",
+      "overview.total": "合计", "overview.building": "楼栋", "overview.type": "设备类型",
+      "overview.unacked": "未确认", "overview.acked": "已确认", "overview.resolved": "24小时内解除",
       yes: "是", no: "否", none: "—",
       "error.forbidden": "没有权限", "error.generic": "出错了：",
     },
@@ -77,7 +78,8 @@
       "fact.unit": "Responsible unit", "fact.open": "Open alerts",
       "overview.title": "Overview", "overview.by": "Group by", "overview.community": "Community", "overview.grid": "Grid",
       "overview.group": "Group", "overview.devices": "Devices", "overview.open": "Open alerts",
-      "overview.total": "Total",
+      "overview.total": "Total", "overview.building": "Building", "overview.type": "Device type",
+      "overview.unacked": "Unacknowledged", "overview.acked": "Acknowledged", "overview.resolved": "Resolved (24 h)",
       yes: "yes", no: "no", none: "—",
       "error.forbidden": "Not allowed", "error.generic": "Something went wrong: ",
     },
@@ -726,6 +728,9 @@
       el("td", {}, row.devices.unknown),
       el("td", {}, row.incidents.open),
       ...["P1", "P2", "P3", "P4"].map((p) => el("td", { class: `u-${p}` }, u[p] || 0)),
+      ...["unacknowledged", "acknowledged", "resolved"].map((k) =>
+        el("td", { "data-status": k }, (row.incidents.by_status || {})[k] || 0)
+      ),
     ];
   }
 

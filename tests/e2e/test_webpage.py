@@ -351,6 +351,9 @@ def test_a_manager_works_the_board_live(site: Site, page: Any) -> None:
     expect(table.locator(f'tbody tr[data-key="{INSIDE["community"]}"]')).to_be_visible()
     expect(table.locator("tbody tr")).to_have_count(1)
     expect(table.locator("tfoot td").nth(1)).to_have_text("3")
+    # the fire incident acknowledged above, the earlier one not yet
+    expect(table.locator('tfoot td[data-status="acknowledged"]')).to_have_text("1")
+    expect(table.locator('tfoot td[data-status="unacknowledged"]')).to_have_text("1")
     page.select_option("#overview-by", "grid")
     expect(table.locator("tbody tr").first).to_contain_text(CODES["in"] + "001")
     shot(page, "6-overview")
