@@ -8,7 +8,9 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 MESSAGES = Counter(
     "sc_messages",
-    "MQTT messages taken, by device type and outcome (stored, rejected, duplicate)",
+    "MQTT messages taken, by device type and outcome (stored, rejected, duplicate; priority_stored, "
+    "priority_rejected, priority_duplicate: the priority lane's copies of urgent events, which the other "
+    "workers count as well)",
     ["device_type", "outcome"],
     registry=REGISTRY,
 )

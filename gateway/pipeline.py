@@ -91,6 +91,16 @@ class Pipeline:
     ) -> None:
         self.s = settings
         self._urgent_types = settings.urgent_types()
+        # The priority lane takes copies of messages the other workers take too (its own share group):
+        # it stores them (an identical InfluxDB point, so a smoke alarm need not wait) and hands them to
+        # the rules at once, but sets nothing aside (the other workers keep the dead letter) and counts
+        # under `priority_*` outcomes, so sc_messages_total{outcome="stored"} counts each message once.
+        self._copy_lane = settings.mqtt_lane == "urgent"
+        self._outcomes = (
+            ("priority_stored", "priority_rejected", "priority_duplicate")
+            if self._copy_lane
+            else ("stored", "rejected", "duplicate")
+        )
         self.store = store
         self.sinks = sinks
         self.client_id = client_id
@@ -219,14 +229,15 @@ class Pipeline:
                     batch.urgent = True
                     if self._on_urgent is not None:
                         self._on_urgent([out])
-            batch.counts[(dtype, "stored")] += 1
+            batch.counts[(dtype, self._outcomes[0])] += 1
             self._note_seen(out, raw)
         elif isinstance(out, Rejection):
-            batch.rejections.append(out)
-            batch.counts[(out.device_type or "unknown", "rejected")] += 1
+            if not self._copy_lane:
+                batch.rejections.append(out)
+            batch.counts[(out.device_type or "unknown", self._outcomes[1])] += 1
         else:
             batch.counts[
-                (raw.topic.split("/")[2] if raw.topic.count("/") >= 2 else "unknown", "duplicate")
+                (raw.topic.split("/")[2] if raw.topic.count("/") >= 2 else "unknown", self._outcomes[2])
             ] += 1
 
     def _note_seen(self, r: Reading, raw: RawMessage) -> None:

@@ -137,18 +137,20 @@ class GatewayProcess:
         text = self._scrape()
         return text is not None and Metrics(text).value("sc_broker_connected") == 1
 
-    def _scrape(self) -> str | None:
+    def _scrape(self, process: int = 0) -> str | None:
         try:
-            resp = self._http.get(f"http://127.0.0.1:{self.metrics_port}/metrics")
+            resp = self._http.get(f"http://127.0.0.1:{self.metrics_port + process}/metrics")
         except httpx.HTTPError:
             return None
         return resp.text if resp.status_code == 200 else None
 
-    def metrics(self) -> Metrics:
-        text = self._scrape()
+    def metrics(self, process: int = 0) -> Metrics:
+        """One scrape of the /metrics of worker 0, or of the process at SC_METRICS_PORT + `process`
+        (workers 0..n-1, then the rules process, the delivery process, the priority lane)."""
+        text = self._scrape(process)
         if text is None:
             raise AssertionError(
-                f"{self.name}: /metrics on port {self.metrics_port} did not answer\n{self.tail()}"
+                f"{self.name}: /metrics on port {self.metrics_port + process} did not answer\n{self.tail()}"
             )
         return Metrics(text)
 

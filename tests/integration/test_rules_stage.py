@@ -15,7 +15,8 @@ import pytest
 from gateway.alarmcmd import add_alarm_commands
 from gateway.alarms import AlarmRow, AlarmStore
 from gateway.cli import main as cli_main
-from tests.integration.conftest import Harness, community_rows, now_ms, topic, wait_for
+from gateway.deadletter import DeadLetterStore
+from tests.integration.conftest import Harness, Metrics, community_rows, now_ms, topic, wait_for
 
 
 def _slug() -> str:
@@ -161,3 +162,47 @@ def test_a_bad_rule_file_stops_the_gateway_at_start_naming_file_and_rule(harness
     assert str(bad) in done.stderr and "manhole_cover.sinking" in done.stderr
     assert "sink_depth_cm" in done.stderr
     assert not (Path(harness.workdir) / ".var" / "rules-state.json").exists()
+
+
+def test_the_priority_lane_takes_urgent_events_without_counting_or_setting_them_aside_twice(
+    harness: Harness,
+) -> None:
+    """A smoke detector's events reach two workers (the priority lane has its own share group): the alarm
+    opens once, a malformed event is set aside once, and each message is counted once as stored."""
+    (detector,) = community_rows(_slug(), detectors=1)
+    device_id = _register(harness, detector, "in_service")
+    gw = harness.start_gateway(SC_WORKERS="1")  # the priority lane (on by default) is worker 1 + 2
+    # the lane subscribes on its own: what is published before it has is for the other workers only
+    wait_for(
+        lambda: gw._scrape(3),
+        lambda t: t is not None and Metrics(t).value("sc_broker_connected") == 1,
+        what="the priority lane to subscribe",
+    )
+    pub = harness.publisher()
+    ts = now_ms()
+    pub.send(topic(detector, "event"), {"ts": ts, "seq": 1, "event": "no_such_event"})
+    pub.send(topic(detector, "event"), {"ts": ts + 1, "seq": 2, "event": "smoke_alarm"})
+    _wait_alarm(harness, "smoke_detector.smoke_alarm", device_id, "open")
+
+    # both lanes have taken both messages
+    def taken() -> tuple[float, ...]:
+        worker, lane = gw.metrics(), gw.metrics(3)
+        return tuple(
+            m.value("sc_messages_total", device_type="smoke_detector", outcome=outcome)
+            for m, outcome in (
+                (worker, "stored"),
+                (worker, "rejected"),
+                (lane, "priority_stored"),
+                (lane, "priority_rejected"),
+            )
+        )
+
+    wait_for(taken, lambda n: n == (1, 1, 1, 1), what="the worker and the priority lane to take both events")
+    assert gw.metrics(3).value("sc_messages_total", outcome="stored") == 0
+    letters = wait_for(
+        lambda: DeadLetterStore(harness.engine).recent(device_id=device_id),
+        lambda found: len(found) >= 1,
+        what="the malformed event's dead letter",
+    )
+    assert len(letters) == 1, [(d.reason, d.received_at) for d in letters]
+    assert len(AlarmStore(harness.engine).list(rule_id="smoke_detector.smoke_alarm")) == 1
