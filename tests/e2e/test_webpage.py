@@ -13,7 +13,6 @@ Nothing here sleeps to let something happen: Playwright's expectations wait for 
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import Any, Final
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import Engine
 
 from api.app import create_app
@@ -33,44 +31,16 @@ from gateway.lineproto import to_line
 from gateway.messages import Reading
 from gateway.registry import DeviceRecord, PlaceRecord, Places, Registry
 from rules.model import Evidence, Verdict
-from stack.services import InfluxService, StackError, ensure_debian_packages, free_port
+from stack.services import InfluxService
+from tests.e2e.conftest import serve, shot
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the Python package playwright is not installed")
-
-REPO: Final = Path(__file__).resolve().parents[2]
-SCREENSHOTS: Final = REPO / "artifacts" / "screenshots"
-CHROMIUM: Final = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS: Final = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-#: how long the page may take to show something (a wait, not a timing assertion)
-WAIT_MS: Final = 20_000
 
 USERNAME, PASSWORD = "wang.fang", "correct horse battery"
 INSIDE: Final = {"district": "东城区", "street": "东华门街道", "community": "东华门社区"}
 OUTSIDE: Final = {"district": "西城区", "street": "西长安街街道", "community": "西长安街社区"}
 CODES: Final = {"in": "110101001001", "out": "110102001001"}
 P1_RED: Final = "rgb(211, 47, 47)"
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Path:
-    """Debian's Chromium (installed here if missing: it is in stack.services.REQUIRED_PACKAGES)."""
-    if not CHROMIUM.is_file():
-        try:
-            ensure_debian_packages(["chromium"])
-        except StackError as exc:
-            pytest.skip(f"{CHROMIUM} is missing and could not be installed: {exc}")
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} is missing after installing the Debian package chromium")
-    return CHROMIUM
 
 
 @dataclass
@@ -195,51 +165,11 @@ def site(tmp_path: Path, influxdb: InfluxService, influx_db_name: str) -> Iterat
         incident_mqtt=False, influx_url=influxdb.url, influx_db=influx_db_name, api_stream_poll_s=0.2
     )
     app = create_app(settings, engine=engine, issuer=None)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5)
-    )
-    thread = threading.Thread(target=server.run, name="api-server", daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = dt.datetime.now() + dt.timedelta(seconds=30)
-    while not server.started:
-        assert thread.is_alive(), "the API server stopped while starting"
-        assert dt.datetime.now() < deadline, "the API server did not start within 30 s"
-        threading.Event().wait(0.05)
     try:
-        yield Site(base, engine, store, opened[0], opened[1])
+        with serve(app) as base:
+            yield Site(base, engine, store, opened[0], opened[1])
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
         engine.dispose()
-
-
-@pytest.fixture
-def page(chromium: Path) -> Iterator[Any]:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as pw:
-        # Playwright gives the browser a fresh, empty profile of its own
-        browser = pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_FLAGS)
-        context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="zh-CN")
-        page = context.new_page()
-        page.set_default_timeout(WAIT_MS)
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        outside: list[str] = []
-        page.on(
-            "request",
-            lambda req: outside.append(req.url) if not req.url.startswith("http://127.0.0.1:") else None,
-        )
-        yield page
-        context.close()
-        browser.close()
-    assert not errors, f"the page threw: {errors}"
-    assert not outside, f"the page asked for something outside the API: {outside}"
-
-
-def shot(page: Any, name: str) -> None:
-    page.screenshot(path=str(SCREENSHOTS / f"webpage-{name}.png"), full_page=True)
 
 
 def api_get(site: Site, token: str, path: str) -> httpx.Response:
