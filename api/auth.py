@@ -381,7 +381,7 @@ def parse_key(text: str) -> tuple[str, str]:
     """(key id, secret) of a presented key; AuthError if it is not of the form sck_<key id>_<secret>."""
     m = _KEY_RE.fullmatch(text.strip())
     if m is None:
-        raise AuthError(f"malformed API key: expected {KEY_FORMAT}")
+        raise AuthError(f"malformed API key: expected {KEY_FORMAT} (or a login token, {TOKEN_PREFIX}_...)")
     return m.group(1), m.group(2)
 
 
@@ -959,7 +959,10 @@ _bearer = HTTPBearer(
 )
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description=f"X-API-Key: {KEY_FORMAT}")
 
-_HOW: Final = f"send 'Authorization: Bearer {KEY_FORMAT}' or 'X-API-Key: {KEY_FORMAT}'"
+_HOW: Final = (
+    f"send 'Authorization: Bearer {KEY_FORMAT}' or 'X-API-Key: {KEY_FORMAT}' (an API key), or "
+    f"'Authorization: Bearer {TOKEN_PREFIX}_...' (the token of POST /api/v1/auth/login)"
+)
 
 
 def _unauthorized(message: str) -> HTTPException:
@@ -988,10 +991,13 @@ def authenticate(
     """The caller's principal (an API key's or a logged-in person's), or 401 with what is wrong."""
     authorization = request.headers.get("authorization")
     if authorization is not None and bearer is None:
-        raise _unauthorized(f"the Authorization header must be 'Bearer {KEY_FORMAT}'")
+        raise _unauthorized(
+            f"the Authorization header must be 'Bearer {KEY_FORMAT}' (an API key) or "
+            f"'Bearer {TOKEN_PREFIX}_...' (a login token)"
+        )
     presented = bearer.credentials if bearer is not None else header_key
     if not presented:
-        raise _unauthorized(f"missing API key: {_HOW}")
+        raise _unauthorized(f"missing credentials: {_HOW}")
     try:
         if presented.strip().startswith(TOKEN_PREFIX + "_"):
             return people.authenticate(presented)

@@ -187,8 +187,9 @@ def test_no_key_is_401_saying_how_to_send_one(client: TestClient) -> None:
     r = client.get("/api/v1/devices")
     assert r.status_code == 401
     assert r.json() == {
-        "detail": "missing API key: send 'Authorization: Bearer sck_<key id>_<secret>' "
-        "or 'X-API-Key: sck_<key id>_<secret>'"
+        "detail": "missing credentials: send 'Authorization: Bearer sck_<key id>_<secret>' "
+        "or 'X-API-Key: sck_<key id>_<secret>' (an API key), or 'Authorization: Bearer sct_...' "
+        "(the token of POST /api/v1/auth/login)"
     }
     assert r.headers["www-authenticate"] == "Bearer"
 
@@ -198,10 +199,18 @@ def test_no_key_is_401_saying_how_to_send_one(client: TestClient) -> None:
     [
         (
             {"Authorization": "Basic dXNlcjpwdw=="},
-            "the Authorization header must be 'Bearer sck_<key id>_<secret>'",
+            "the Authorization header must be 'Bearer sck_<key id>_<secret>' (an API key) or "
+            "'Bearer sct_...' (a login token)",
         ),
-        ({"Authorization": "Bearer"}, "the Authorization header must be 'Bearer sck_<key id>_<secret>'"),
-        ({"Authorization": "Bearer not-a-key"}, "malformed API key: expected sck_<key id>_<secret>"),
+        (
+            {"Authorization": "Bearer"},
+            "the Authorization header must be 'Bearer sck_<key id>_<secret>' (an API key) or "
+            "'Bearer sct_...' (a login token)",
+        ),
+        (
+            {"Authorization": "Bearer not-a-key"},
+            "malformed API key: expected sck_<key id>_<secret> (or a login token, sct_...)",
+        ),
         ({"X-API-Key": "sck_0123456789ab_" + "x" * 43}, "unknown API key"),
     ],
 )

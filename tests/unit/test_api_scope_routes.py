@@ -745,7 +745,7 @@ def test_roles_not_allowed_are_403(world: World, route: tuple[str, str]) -> None
     spec = ROUTES[route]
     if spec.public:
         r = world.call(None, _copy(spec.probe))
-        assert r.status_code != 403 and "missing API key" not in r.text
+        assert r.status_code != 403 and "missing credentials" not in r.text
         return
     assert world.call(None, _copy(spec.probe)).status_code == 401
     for role in sorted(set(API_ROLES) - spec.roles):
