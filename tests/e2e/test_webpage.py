@@ -301,3 +301,33 @@ def test_a_manager_works_the_board_live(site: Site, page: Any) -> None:
     expect(page.locator("#login-form")).to_be_visible()
     assert page.evaluate("sessionStorage.getItem('sc.token')") is None
     assert api_get(site, token, "/api/v1/me").status_code == 401
+
+
+def test_a_street_viewer_sees_the_street_read_only(site: Site, page: Any) -> None:
+    """A grid member scoped to a street: the street's incidents, devices and counts, and no way to act."""
+    expect = sync_api.expect
+    UserStore(site.engine).create(
+        "zhao.lei",
+        role="viewer",
+        password=PASSWORD,
+        display_name="赵磊",
+        scope=Scope(streets=(INSIDE["street"],)),
+    )
+    page.goto(site.base_url + "/")
+    page.fill("#username", "zhao.lei")
+    page.fill("#password", PASSWORD)
+    page.click("#login-submit")
+    expect(page.locator("#live-status")).to_have_attribute("data-state", "live")
+    mine = page.locator(f'li[data-incident-id="{site.incident_in}"]')
+    expect(mine).to_be_visible()
+    expect(page.locator(f'li[data-incident-id="{site.incident_out}"]')).to_have_count(0)
+    expect(page.locator("button.ack-button")).to_have_count(0)  # read only
+    shot(page, "8-viewer-board")
+
+    page.click('#nav a[data-view="site"]')
+    expect(page.locator('#site-map a[data-device-id="mc-001"]')).to_have_count(1)
+    expect(page.locator('#site-map a[data-device-id="out-001"]')).to_have_count(0)
+    page.click('#nav a[data-view="overview"]')
+    table = page.locator("#overview-table")
+    expect(table.locator(f'tbody tr[data-key="{INSIDE["community"]}"]')).to_be_visible()
+    expect(table.locator("tbody tr")).to_have_count(1)
