@@ -138,6 +138,9 @@ devices = Table(
     Index(None, "device_type"),
     Index(None, "community"),
     Index(None, "grid_code"),
+    # street and district scopes (viewers), migration 0008
+    Index(None, "street"),
+    Index(None, "district"),
     Index(None, "version"),
     Index(None, "batch"),
 )
@@ -513,6 +516,7 @@ incidents = Table(
     Index(None, "building", "status"),
     Index(None, "device_id", "status"),
     Index(None, "device_type", "status"),
+    Index(None, "status", "resolved_at"),
 )
 
 # Append-only history of every incident change and who made it: `rule:<id>`, `device:<id>`, `user:<...>`

@@ -2,7 +2,8 @@
 district, street, grid code, building (the device's place), device id and device type, each indexed
 with the status, and when it was first acknowledged, filled in from the incidents' JSON. A street or
 district viewer's scope and the board's grid/building/type filters become index lookups instead of
-reading every incident's JSON; counts by status need no JSON either.
+reading every incident's JSON; counts by status need no JSON either. Also: incidents by (status,
+resolved_at) for "resolved since", devices by street and by district.
 
 Revision ID: 0008_incident_places
 Revises: 0007_users
@@ -40,6 +41,10 @@ def upgrade() -> None:
         batch.add_column(sa.Column("acknowledged_at", sa.DateTime(timezone=True)))
     for name, _, _ in _COLUMNS:
         op.create_index(op.f(f"ix_incidents_{name}_status"), "incidents", [name, "status"])
+    # counts of incidents resolved since a time; devices by street or district (viewers' scopes)
+    op.create_index(op.f("ix_incidents_status_resolved_at"), "incidents", ["status", "resolved_at"])
+    op.create_index(op.f("ix_devices_street"), "devices", ["street"])
+    op.create_index(op.f("ix_devices_district"), "devices", ["district"])
     # Fill the columns from each incident's JSON, in Python so that SQLite and PostgreSQL read it alike.
     bind = op.get_bind()
     table = sa.table(
@@ -84,6 +89,9 @@ def _utc(text: str) -> dt.datetime | None:
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_devices_district"), table_name="devices")
+    op.drop_index(op.f("ix_devices_street"), table_name="devices")
+    op.drop_index(op.f("ix_incidents_status_resolved_at"), table_name="incidents")
     for name, _, _ in reversed(_COLUMNS):
         op.drop_index(op.f(f"ix_incidents_{name}_status"), table_name="incidents")
     with op.batch_alter_table("incidents") as batch:
