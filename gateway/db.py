@@ -509,12 +509,14 @@ incidents = Table(
     Index(None, "dedup_key"),
     Index(None, "status", "urgency"),
     Index(None, "opened_at"),
-    Index(None, "community", "status"),
-    Index(None, "district", "status"),
-    Index(None, "street", "status"),
-    Index(None, "grid_code", "status"),
-    Index(None, "building", "status"),
-    Index(None, "device_id", "status"),
+    # a place (or device) with the status and urgency, so that SQLite without statistics prefers it to
+    # (status, urgency) for a scope's listing in urgency order (bench/manager_api_bench.py); migration 0008
+    Index(None, "community", "status", "urgency"),
+    Index(None, "district", "status", "urgency"),
+    Index(None, "street", "status", "urgency"),
+    Index(None, "building", "status", "urgency"),
+    Index(None, "device_id", "status", "urgency"),
+    Index(None, "grid_code", "device_type", "status"),
     Index(None, "device_type", "status"),
     Index(None, "status", "resolved_at"),
 )
