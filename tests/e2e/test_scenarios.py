@@ -150,11 +150,11 @@ expect:
   - rule: smoke_detector.smoke_alarm                # it is P1
     devices: [D1]
     urgency: P2
-    within_s: 3
+    within_s: 10
   - rule: smoke_detector.smoke_alarm
     devices: [D1]
     urgency: P1
-    within_s: 5
+    within_s: 10
 forbid:
   - rule: smoke_detector.smoke_alarm
     devices: [D1]

@@ -246,8 +246,9 @@ def test_errors_and_timeouts_are_retried_with_the_same_webhook_id(
     receiver: WebhookReceiver,
 ) -> None:
     receiver.retry_after = "0"
-    receiver.answer(503, 503, "close", 500, ("slow", 3.0, 204))
-    stage = DeliveryStage(_settings(engine, receiver.url, timeout_s=1.0), store, policy=FAST)
+    receiver.answer(503, 503, "close", 500, ("slow", 5.0, 204))
+    # a timeout no quick answer reaches on a loaded machine, well below the slow one
+    stage = DeliveryStage(_settings(engine, receiver.url, timeout_s=2.0), store, policy=FAST)
     with running(stage):
         iid = change(store, "mc-r", "opened")
         change(store, "mc-r", "resolved")
@@ -270,7 +271,7 @@ def test_a_slow_incident_does_not_hold_back_the_others(
     store: IncidentStore,
     receiver: WebhookReceiver,
 ) -> None:
-    receiver.answer(("slow", 3.0, 204))
+    receiver.answer(("slow", 8.0, 204))  # room for the fast incident's two deliveries meanwhile
     stage = DeliveryStage(_settings(engine, receiver.url, timeout_s=10.0), store, policy=FAST)
     with running(stage):
         slow = change(store, "mc-s1", "opened")

@@ -28,11 +28,12 @@ def _alarm(harness: Harness, rule_id: str, key: str) -> AlarmRow | None:
     return rows[0] if rows else None
 
 
-def _wait_alarm(harness: Harness, rule_id: str, key: str, state: str) -> AlarmRow:
+def _wait_alarm(harness: Harness, rule_id: str, key: str, state: str, timeout: float = 30.0) -> AlarmRow:
     row = wait_for(
         lambda: _alarm(harness, rule_id, key),
         lambda r: r is not None and r.state == state,
         what=f"alarm {rule_id} on {key} to be {state}",
+        timeout=timeout,
     )
     assert row is not None
     return row
@@ -106,7 +107,8 @@ def test_a_fire_lane_duration_started_before_a_restart_fires_at_the_right_time_a
     device_id = _register(harness, bay, "in_service", bay_kind="fire_lane")
     site = harness.workdir / "site-rules"
     site.mkdir()
-    for_s = 5
+    # long enough for publishing, storing and a clean stop (the snapshot) to happen before it runs out
+    for_s = 20
     (site / "site.yaml").write_text(
         "overrides:\n"
         "  device:\n"
@@ -127,7 +129,7 @@ def test_a_fire_lane_duration_started_before_a_restart_fires_at_the_right_time_a
     assert _alarm(harness, "parking_sensor.fire_lane_occupied", device_id) is None
 
     restarted = harness.start_gateway("gateway-restarted", **env)
-    row = _wait_alarm(harness, "parking_sensor.fire_lane_occupied", device_id, "open")
+    row = _wait_alarm(harness, "parking_sensor.fire_lane_occupied", device_id, "open", timeout=for_s + 30)
     assert row.urgency == "P2"
     # fired by time alone, for_s after the bay became occupied (device time), as the snapshot said
     assert row.evidence["ts_ms"] == ts + for_s * 1000

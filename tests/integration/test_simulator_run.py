@@ -209,7 +209,8 @@ async def test_devices_log_in_with_their_own_credentials_and_every_message_arriv
         port=mosquitto.port,
         speed=SPEED,
         interval_s=5,
-        duration_s=DURATION_S,
+        # room for the command's own connection and round trip before the devices go
+        duration_s=2 * DURATION_S,
         credentials=fleet.credentials,
         seed=1,
         on_publish=on_publish,
