@@ -209,8 +209,13 @@ def initial_config(admin_username: str, admin_password: str) -> dict[str, Any]:
 
 
 def new_password() -> str:
-    """A password for a device or service account: 32 random bytes, URL-safe base64 (43 characters)."""
-    return secrets.token_urlsafe(32)
+    """A password for a device or service account: 32 random bytes, URL-safe base64 (43 characters),
+    never starting with "-" (after `--password` on a command line, argparse would take one that does for
+    an option: 1 in 64 did)."""
+    while True:
+        password = secrets.token_urlsafe(32)
+        if not password.startswith("-"):
+            return password
 
 
 def device_password_fields(password: str) -> dict[str, str]:

@@ -134,7 +134,7 @@ def test_refusals_are_counted_by_reason_and_fail_the_run(
     mosquitto: MosquittoService, prefix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     gateway = mosquitto.gateway_account  # may consume uplink, not publish it
-    argv = ["--port", str(mosquitto.port), "--username", gateway.username, "--password", gateway.password]
+    argv = ["--port", str(mosquitto.port), "--username", gateway.username, f"--password={gateway.password}"]
     argv += ["--devices", "100", "--prefix", prefix, "--messages", "300", "--connections", "2"]
     assert load.main([*argv, "--progress", "0"]) == 1
     out = capsys.readouterr().out
@@ -144,7 +144,7 @@ def test_refusals_are_counted_by_reason_and_fail_the_run(
 
 def test_cli_paced_run_and_a_refused_login(mosquitto: MosquittoService, prefix: str) -> None:
     account = mosquitto.publisher_account
-    argv = ["--port", str(mosquitto.port), "--username", account.username, "--password", account.password]
+    argv = ["--port", str(mosquitto.port), "--username", account.username, f"--password={account.password}"]
     argv += ["--devices", "500", "--prefix", prefix, "--progress", "0", "--events", "0.2"]
     assert load.main([*argv, "--rate", "4000", "--messages", "1000", "--connections", "3"]) == 0
     assert load.main([*argv, "--duration", "0.5", "--connections", "2", "--parallel", "processes"]) == 0
