@@ -10,10 +10,12 @@ Nothing here sleeps to let something happen: `wait_for` polls InfluxDB, SQL or /
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -289,6 +291,24 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive loopback ports nothing listens on right now: a gateway's processes
+    serve their metrics on SC_METRICS_PORT + i (workers, rules, delivery, priority lane)."""
+    for _ in range(200):
+        base = free_port()
+        if base + count > 65536:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(base, base + count):
+                    sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError(f"no {count} consecutive free loopback ports found")
+
+
 # ---- the harness ---------------------------------------------------------------------------------------
 
 
@@ -343,7 +363,7 @@ class Harness:
                 "SC_INFLUX_DB": self.influx_db,
                 "SC_DATABASE_URL": self.db_url,
                 "SC_SPOOL_DIR": str(self.workdir / "spool"),
-                "SC_METRICS_PORT": str(free_port()),
+                "SC_METRICS_PORT": str(free_port_run(8)),
                 "SC_BATCH_MAX_DELAY_MS": "50",
                 "SC_REGISTRY_REFRESH_S": "0.5",
                 "SC_STATE_FLUSH_S": "0.5",
