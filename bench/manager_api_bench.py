@@ -71,7 +71,7 @@ from api.settings import ApiSettings
 from devices import THING_MODELS
 from gateway.db import device_state, devices, incident_counters, incidents, make_engine, migrate
 from gateway.deadletter import DeviceStateStore, StatusUpdate
-from gateway.incident_store import IncidentStore
+from gateway.incident_store import IncidentStore, incident_row
 from gateway.registry import RegisteredDevice, Registry
 from incidents.lifecycle import apply as lifecycle_apply
 from incidents.model import Incident
@@ -190,26 +190,7 @@ def build_registry(
 
 def store_columns(incident: Incident) -> dict[str, Any]:
     """The row of an incident, every column as IncidentStore._save fills it (plus its id)."""
-    return {
-        "incident_id": incident.incident_id,
-        "dedup_key": incident.dedup_key,
-        "rule_id": incident.rule_id,
-        "status": "open" if incident.is_open else "resolved",
-        "urgency": incident.urgency,
-        "commissioning": incident.commissioning,
-        "community": incident.location.community,
-        "district": incident.location.district,
-        "street": incident.location.street,
-        "grid_code": incident.location.grid_code,
-        "building": incident.location.building,
-        "device_id": incident.device.id,
-        "device_type": incident.device.type,
-        "acknowledged_at": incident.acknowledged_at,
-        "data": incident.to_json(),
-        "opened_at": incident.opened_at,
-        "updated_at": incident.updated_at,
-        "resolved_at": incident.resolved_at,
-    }
+    return {"incident_id": incident.incident_id, **incident_row(incident)}
 
 
 class IncidentMaker:

@@ -184,6 +184,30 @@ def _group_column(key: str) -> ColumnElement[Any]:
     raise ValueError(f"cannot group incidents by {key!r}; one of {', '.join(INCIDENT_GROUP_KEYS)}")
 
 
+def incident_row(incident: Incident) -> dict[str, Any]:
+    """The `incidents` row of an incident, every column but its id."""
+    place, device = incident.location, incident.device
+    return {
+        "dedup_key": incident.dedup_key,
+        "rule_id": incident.rule_id,
+        "status": "open" if incident.is_open else "resolved",
+        "urgency": incident.urgency,
+        "commissioning": incident.commissioning,
+        "community": place.community,
+        "district": place.district,
+        "street": place.street,
+        "grid_code": place.grid_code,
+        "building": place.building,
+        "device_id": device.id,
+        "device_type": device.type,
+        "acknowledged_at": incident.acknowledged_at,
+        "data": incident.to_json(),
+        "opened_at": incident.opened_at,
+        "updated_at": incident.updated_at,
+        "resolved_at": incident.resolved_at,
+    }
+
+
 def _body(event: dict[str, Any]) -> bytes:
     return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -285,25 +309,7 @@ class IncidentStore:
     ) -> None:
         """Write the incident's row, its history row and (unless commissioning) its outbox rows for the
         targets whose role is in `deliver_to`."""
-        values = {
-            "dedup_key": incident.dedup_key,
-            "rule_id": incident.rule_id,
-            "status": "open" if incident.is_open else "resolved",
-            "urgency": incident.urgency,
-            "commissioning": incident.commissioning,
-            "community": incident.location.community,
-            "district": incident.location.district,
-            "street": incident.location.street,
-            "grid_code": incident.location.grid_code,
-            "building": incident.location.building,
-            "device_id": incident.device.id,
-            "device_type": incident.device.type,
-            "acknowledged_at": incident.acknowledged_at,
-            "data": incident.to_json(),
-            "opened_at": incident.opened_at,
-            "updated_at": incident.updated_at,
-            "resolved_at": incident.resolved_at,
-        }
+        values = incident_row(incident)
         if existing is None:
             conn.execute(insert(incidents).values(incident_id=incident.incident_id, **values))
         else:
